@@ -1,0 +1,44 @@
+"""Lightning callbacks of ours: the progress display (rich bar on a terminal, plain lines otherwise)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, RichProgressBar
+
+from transferlab.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+PROGRESS_MODES = ("auto", "rich", "plain", "none")
+
+
+class EpochSummary(Callback):
+    """One log line per epoch with the epoch's metrics, for batch jobs and log files."""
+
+    def _summary(self, trainer: L.Trainer, epoch: int) -> None:
+        values = {k: v for k, v in trainer.callback_metrics.items() if not k.endswith("_step")}
+        shown = "  ".join(f"{k}={v.item():.4f}" for k, v in sorted(values.items()) if isinstance(v, torch.Tensor) and v.numel() == 1)
+        log.info("epoch %d/%d  %s", epoch + 1, trainer.max_epochs, shown)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # the previous epoch's train metrics are logged after callbacks' on_train_epoch_end: report them here
+        if trainer.current_epoch > 0:
+            self._summary(trainer, trainer.current_epoch - 1)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._summary(trainer, trainer.current_epoch - 1)
+
+
+def progress_display(mode: str = "auto") -> Callback | None:
+    """`auto`: a rich progress bar when stdout is a terminal, else one plain line per epoch."""
+    if mode not in PROGRESS_MODES:
+        raise ConfigError(f"callbacks.progress.mode={mode!r} is not valid; choose one of: {', '.join(PROGRESS_MODES)}")
+    if mode == "auto":
+        mode = "rich" if sys.stdout.isatty() else "plain"
+    if mode == "rich":
+        return RichProgressBar()
+    return EpochSummary() if mode == "plain" else None

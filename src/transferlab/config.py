@@ -1,0 +1,67 @@
+"""Validate a composed config before anything is built, with errors that name the key and the choices."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from hydra.utils import get_class
+from omegaconf import DictConfig, OmegaConf
+
+from transferlab.data.datasets import DATASETS
+from transferlab.errors import ConfigError
+from transferlab.finetune.freeze import check_freeze
+from transferlab.finetune.optim import SCHEDULERS
+from transferlab.models.backbones import check_backbone_name, looks_like_path, torchvision_weights
+
+
+def to_plain(node: Any) -> Any:
+    """A resolved plain-Python copy of a config node (dicts, lists, numbers, strings)."""
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def _check_weights(backbone: DictConfig) -> None:
+    weights = backbone.get("weights")
+    if weights is None:
+        return
+    if looks_like_path(str(weights)) and not Path(str(weights)).expanduser().is_file():
+        raise ConfigError(f"backbone.weights={weights}: no such file")
+    if backbone.source == "torchvision" and not looks_like_path(str(weights)) and not Path(str(weights)).is_file():
+        torchvision_weights(backbone.name, str(weights))
+
+
+def _positive(value: Any, key: str, allow_none: bool = True) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{key}={value!r} must be a positive integer")
+
+
+def validate_data(data: DictConfig) -> None:
+    if data.get("name") not in DATASETS:
+        raise ConfigError(f"data.name={data.get('name')!r} is not valid; choose one of: {', '.join(DATASETS)}")
+    _positive(data.get("batch_size"), "data.batch_size", allow_none=False)
+    _positive(data.get("shots"), "data.shots")
+    _positive(data.get("image_size"), "data.image_size")
+
+
+def validate_train_config(cfg: DictConfig) -> None:
+    """Every check that can run before data or models are loaded."""
+    check_backbone_name(cfg.backbone.source, cfg.backbone.name)
+    _check_weights(cfg.backbone)
+    target = cfg.optim.get("_target_")
+    try:
+        get_class(target)
+    except Exception:
+        raise ConfigError(f"optim._target_={target!r} is not an importable optimizer class") from None
+    if not cfg.optim.get("lr") or cfg.optim.lr <= 0:
+        raise ConfigError(f"optim.lr={cfg.optim.get('lr')!r} must be a positive number")
+    if cfg.scheduler.get("name") not in SCHEDULERS:
+        raise ConfigError(f"scheduler.name={cfg.scheduler.get('name')!r} is not valid; choose one of: {', '.join(SCHEDULERS)}")
+    check_freeze(cfg.freeze.get("name"), cfg.freeze.get("bn", "train"))
+    validate_data(cfg.data)
+    smoothing = cfg.loss.get("label_smoothing", 0.0)
+    if not 0.0 <= smoothing < 1.0:
+        raise ConfigError(f"loss.label_smoothing={smoothing} must be in [0, 1)")
+    if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path}: no such file")

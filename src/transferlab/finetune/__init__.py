@@ -1,0 +1,1 @@
+"""Fine-tuning: which parameters train (freeze strategies) and how (optimizer, scheduler)."""

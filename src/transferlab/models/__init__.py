@@ -1,0 +1,1 @@
+"""Models: backbone registry, weights loading, heads and the LightningModule."""

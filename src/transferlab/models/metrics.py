@@ -1,0 +1,35 @@
+"""torchmetrics collections for each stage: accuracy (top-1, top-5), macro precision/recall/F1."""
+
+from __future__ import annotations
+
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassConfusionMatrix,
+    MulticlassF1Score,
+    MulticlassPrecision,
+    MulticlassRecall,
+)
+
+
+def classification_metrics(num_classes: int) -> MetricCollection:
+    """Per-epoch metrics logged as `<stage>/acc`, `acc_top5` (>5 classes), `precision`, `recall`, `f1`."""
+    metrics = {
+        "acc": MulticlassAccuracy(num_classes, average="micro"),
+        "precision": MulticlassPrecision(num_classes, average="macro"),
+        "recall": MulticlassRecall(num_classes, average="macro"),
+        "f1": MulticlassF1Score(num_classes, average="macro"),
+    }
+    if num_classes > 5:
+        metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+    return MetricCollection(metrics)
+
+
+def per_class_metrics(num_classes: int) -> MetricCollection:
+    """Test-time detail: accuracy of each class (its recall) and the confusion matrix."""
+    return MetricCollection(
+        {
+            "acc_class": MulticlassAccuracy(num_classes, average=None),
+            "confusion_matrix": MulticlassConfusionMatrix(num_classes),
+        }
+    )
