@@ -17,11 +17,15 @@ PROGRESS_MODES = ("auto", "rich", "plain", "none")
 
 
 class EpochSummary(Callback):
-    """One log line per epoch with the epoch's metrics, for batch jobs and log files."""
+    """One log line per epoch with the main metrics, for batch jobs and log files."""
+
+    KEYS = ("train/loss", "train/acc", "val/loss", "val/acc", "val/f1")
 
     def _summary(self, trainer: L.Trainer, epoch: int) -> None:
-        values = {k: v for k, v in trainer.callback_metrics.items() if not k.endswith("_step")}
-        shown = "  ".join(f"{k}={v.item():.4f}" for k, v in sorted(values.items()) if isinstance(v, torch.Tensor) and v.numel() == 1)
+        values = trainer.callback_metrics
+        shown = "  ".join(
+            f"{k}={values[k].item():.4f}" for k in self.KEYS if isinstance(values.get(k), torch.Tensor)
+        )
         log.info("epoch %d/%d  %s", epoch + 1, trainer.max_epochs, shown)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -36,7 +40,9 @@ class EpochSummary(Callback):
 def progress_display(mode: str = "auto") -> Callback | None:
     """`auto`: a rich progress bar when stdout is a terminal, else one plain line per epoch."""
     if mode not in PROGRESS_MODES:
-        raise ConfigError(f"callbacks.progress.mode={mode!r} is not valid; choose one of: {', '.join(PROGRESS_MODES)}")
+        raise ConfigError(
+            f"callbacks.progress.mode={mode!r} is not valid; choose one of: {', '.join(PROGRESS_MODES)}"
+        )
     if mode == "auto":
         mode = "rich" if sys.stdout.isatty() else "plain"
     if mode == "rich":

@@ -26,7 +26,11 @@ def _check_weights(backbone: DictConfig) -> None:
         return
     if looks_like_path(str(weights)) and not Path(str(weights)).expanduser().is_file():
         raise ConfigError(f"backbone.weights={weights}: no such file")
-    if backbone.source == "torchvision" and not looks_like_path(str(weights)) and not Path(str(weights)).is_file():
+    if (
+        backbone.source == "torchvision"
+        and not looks_like_path(str(weights))
+        and not Path(str(weights)).is_file()
+    ):
         torchvision_weights(backbone.name, str(weights))
 
 
@@ -39,7 +43,9 @@ def _positive(value: Any, key: str, allow_none: bool = True) -> None:
 
 def validate_data(data: DictConfig) -> None:
     if data.get("name") not in DATASETS:
-        raise ConfigError(f"data.name={data.get('name')!r} is not valid; choose one of: {', '.join(DATASETS)}")
+        raise ConfigError(
+            f"data.name={data.get('name')!r} is not valid; choose one of: {', '.join(DATASETS)}"
+        )
     _positive(data.get("batch_size"), "data.batch_size", allow_none=False)
     _positive(data.get("shots"), "data.shots")
     _positive(data.get("image_size"), "data.image_size")
@@ -57,7 +63,9 @@ def validate_train_config(cfg: DictConfig) -> None:
     if not cfg.optim.get("lr") or cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr={cfg.optim.get('lr')!r} must be a positive number")
     if cfg.scheduler.get("name") not in SCHEDULERS:
-        raise ConfigError(f"scheduler.name={cfg.scheduler.get('name')!r} is not valid; choose one of: {', '.join(SCHEDULERS)}")
+        raise ConfigError(
+            f"scheduler.name={cfg.scheduler.get('name')!r} is not valid; choose one of: {', '.join(SCHEDULERS)}"
+        )
     check_freeze(cfg.freeze.get("name"), cfg.freeze.get("bn", "train"))
     validate_data(cfg.data)
     smoothing = cfg.loss.get("label_smoothing", 0.0)

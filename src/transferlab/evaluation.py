@@ -28,7 +28,9 @@ def eval_data_config(checkpoint: dict[str, Any], overrides: DictConfig | None) -
     chosen = {k: v for k, v in (to_plain(overrides) or {}).items() if v is not None}
     merged = OmegaConf.merge(OmegaConf.create(stored), OmegaConf.create(chosen))
     if "name" not in merged:
-        raise ConfigError("the checkpoint holds no data config: choose one, e.g. data=imagefolder data.root=...")
+        raise ConfigError(
+            "the checkpoint holds no data config: choose one, e.g. data=imagefolder data.root=..."
+        )
     validate_data(merged)
     return merged
 
@@ -42,17 +44,27 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
     hparams = checkpoint["hyper_parameters"]
     data_cfg = eval_data_config(checkpoint, cfg.get("data"))
-    datamodule = TransferDataModule(to_plain(data_cfg), Preprocessing.from_dict(hparams["preprocessing"]), seed=cfg.seed)
+    datamodule = TransferDataModule(
+        to_plain(data_cfg), Preprocessing.from_dict(hparams["preprocessing"]), seed=cfg.seed
+    )
     datamodule.setup()
     check_checkpoint_classes(checkpoint, cfg.ckpt_path, datamodule.class_names)
     model = ImageClassifier.load_from_checkpoint(cfg.ckpt_path, map_location="cpu", weights_only=not trust)
     model.test_split = cfg.split
-    trainer = instantiate(cfg.trainer, logger=instantiate_group(cfg.get("logger")) or False, enable_progress_bar=False)
+    trainer = instantiate(
+        cfg.trainer, logger=instantiate_group(cfg.get("logger")) or False, enable_progress_bar=False
+    )
     metrics: dict[str, Any] = {}
     for result in trainer.test(model, dataloaders=datamodule.split_dataloader(cfg.split)):
         metrics.update(result)
     metrics[f"{cfg.split}/confusion_matrix"] = model.test_confusion.tolist()
-    metrics.update({"ckpt_path": str(Path(cfg.ckpt_path).resolve()), "split": cfg.split, "class_names": datamodule.class_names})
+    metrics.update(
+        {
+            "ckpt_path": str(Path(cfg.ckpt_path).resolve()),
+            "split": cfg.split,
+            "class_names": datamodule.class_names,
+        }
+    )
     if trainer.is_global_zero:
         write_json(Path(cfg.paths.output_dir) / "metrics.json", metrics)
         log.info("Wrote %s", Path(cfg.paths.output_dir) / "metrics.json")

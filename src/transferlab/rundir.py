@@ -30,7 +30,11 @@ def find_earlier_run(directory: str | os.PathLike) -> Path | None:
 
 
 class RunDirGuard(Callback):
-    """Refuse to start a run in a directory that holds an earlier run (its config, checkpoints, metrics)."""
+    """Refuse to start a run in a directory that holds an earlier run (its config, checkpoints, metrics).
+
+    Hydra turns exceptions raised in callbacks into warnings, so this one exits (SystemExit)
+    before Hydra writes anything into the directory.
+    """
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         if os.environ.get("LOCAL_RANK", "0") != "0":
@@ -38,8 +42,8 @@ class RunDirGuard(Callback):
         run_dir = config.hydra.run.dir
         earlier = find_earlier_run(run_dir)
         if earlier is not None:
-            raise FileExistsError(
-                f"hydra.run.dir={run_dir} already holds a run ({earlier}); it is left untouched. "
+            raise SystemExit(
+                f"Error: hydra.run.dir={run_dir} already holds a run ({earlier}); it is left untouched. "
                 "Choose a new hydra.run.dir, or leave it unset for a fresh directory."
             )
 

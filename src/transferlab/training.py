@@ -16,8 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 from transferlab.config import to_plain, validate_train_config
 from transferlab.data.datamodule import TransferDataModule
 from transferlab.models.backbones import preprocessing_for
+from transferlab.models.checkpoints import check_checkpoint_classes, read_checkpoint
 from transferlab.models.classifier import ImageClassifier
-from transferlab.models.weights import load_pretrained
 from transferlab.rundir import write_json
 
 log = logging.getLogger(__name__)
@@ -26,7 +26,10 @@ log = logging.getLogger(__name__)
 def build_datamodule(data: DictConfig, backbone: DictConfig, seed: int) -> TransferDataModule:
     """Preprocessing follows the backbone's weights, then `data.image_size/mean/std/interpolation`."""
     preprocessing = preprocessing_for(backbone.source, backbone.name, backbone.get("weights")).with_overrides(
-        image_size=data.get("image_size"), mean=data.get("mean"), std=data.get("std"), interpolation=data.get("interpolation")
+        image_size=data.get("image_size"),
+        mean=data.get("mean"),
+        std=data.get("std"),
+        interpolation=data.get("interpolation"),
     )
     log.info("Preprocessing: %s", preprocessing)
     return TransferDataModule(to_plain(data), preprocessing, seed=seed)
@@ -45,8 +48,12 @@ def build_model(cfg: DictConfig, datamodule: TransferDataModule) -> ImageClassif
         preprocessing=datamodule.preprocessing.to_dict(),
         loss=to_plain(cfg.loss),
     )
-    if not cfg.get("ckpt_path"):
-        model.load_pretrained_backbone(cfg.backbone.get("weights"), trust_file=bool(cfg.backbone.get("trust_file", False)))
+    if cfg.get("ckpt_path"):
+        check_checkpoint_classes(read_checkpoint(cfg.ckpt_path), cfg.ckpt_path, datamodule.class_names)
+    else:
+        model.load_pretrained_backbone(
+            cfg.backbone.get("weights"), trust_file=bool(cfg.backbone.get("trust_file", False))
+        )
     return model
 
 
@@ -54,7 +61,9 @@ def instantiate_group(group: DictConfig | None) -> list[Any]:
     """Each `_target_` entry of a `callbacks/` or `logger/` config, instantiated; None entries dropped."""
     if not group:
         return []
-    built = [instantiate(node) for node in group.values() if isinstance(node, DictConfig) and "_target_" in node]
+    built = [
+        instantiate(node) for node in group.values() if isinstance(node, DictConfig) and "_target_" in node
+    ]
     return [obj for obj in built if obj is not None]
 
 
@@ -78,7 +87,9 @@ def _flat_hparams(cfg: DictConfig) -> dict[str, Any]:
     return flat
 
 
-def final_metrics(trainer: L.Trainer, model: ImageClassifier, datamodule: TransferDataModule, test: bool) -> dict[str, Any]:
+def final_metrics(
+    trainer: L.Trainer, model: ImageClassifier, datamodule: TransferDataModule, test: bool
+) -> dict[str, Any]:
     """Validate (and test) the best checkpoint; the logged values, the confusion matrix, and where it is."""
     checkpoint = trainer.checkpoint_callback
     best = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
@@ -92,7 +103,9 @@ def final_metrics(trainer: L.Trainer, model: ImageClassifier, datamodule: Transf
         metrics["test/confusion_matrix"] = model.test_confusion.tolist()
     elif test:
         log.warning("The data has no test split: reporting validation metrics only.")
-    metrics.update({"best_ckpt": best, "epochs_trained": trainer.current_epoch, "class_names": datamodule.class_names})
+    metrics.update(
+        {"best_ckpt": best, "epochs_trained": trainer.current_epoch, "class_names": datamodule.class_names}
+    )
     return metrics
 
 

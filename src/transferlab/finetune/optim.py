@@ -26,7 +26,12 @@ def _no_decay(name: str, param: nn.Parameter) -> bool:
 
 
 def param_groups(
-    backbone: nn.Module, head: nn.Module, lr: float, backbone_lr_mult: float, weight_decay: float, no_decay_norm_bias: bool
+    backbone: nn.Module,
+    head: nn.Module,
+    lr: float,
+    backbone_lr_mult: float,
+    weight_decay: float,
+    no_decay_norm_bias: bool,
 ) -> list[dict[str, Any]]:
     groups = []
     for part, module, part_lr in (("backbone", backbone, lr * backbone_lr_mult), ("head", head, lr)):
@@ -37,7 +42,9 @@ def param_groups(
         if decay:
             groups.append({"name": part, "params": decay, "lr": part_lr, "weight_decay": weight_decay})
         if no_decay:
-            groups.append({"name": f"{part}_no_decay", "params": no_decay, "lr": part_lr, "weight_decay": 0.0})
+            groups.append(
+                {"name": f"{part}_no_decay", "params": no_decay, "lr": part_lr, "weight_decay": 0.0}
+            )
     return groups
 
 
@@ -61,7 +68,9 @@ def build_optimizer(cfg: dict[str, Any], backbone: nn.Module, head: nn.Module) -
     return optimizer_cls(groups, **kwargs)
 
 
-def warmup_cosine_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float, start_ratio: float) -> float:
+def warmup_cosine_factor(
+    step: int, warmup_steps: int, total_steps: int, min_ratio: float, start_ratio: float
+) -> float:
     """Linear warmup from `start_ratio` to 1, then cosine decay to `min_ratio` at `total_steps`."""
     if step < warmup_steps:
         return start_ratio + (1.0 - start_ratio) * step / warmup_steps
@@ -85,6 +94,8 @@ def build_scheduler(
 
         return {"scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, factor), "interval": "step"}
     if name == "step":
-        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.get("step_size", 10), gamma=cfg.get("gamma", 0.1))
+        scheduler = torch.optim.lr_scheduler.StepLR(
+            optimizer, step_size=cfg.get("step_size", 10), gamma=cfg.get("gamma", 0.1)
+        )
         return {"scheduler": scheduler, "interval": "epoch"}
     raise ConfigError(f"scheduler.name={name!r} is not valid; choose one of: {', '.join(SCHEDULERS)}")

@@ -20,7 +20,10 @@ from transferlab.errors import ConfigError
 SOURCES = ("torchvision", "timm")
 
 # torchvision models whose auxiliary classifiers would change the training-mode output type.
-_TORCHVISION_KWARGS = {"googlenet": {"aux_logits": False, "init_weights": True}, "inception_v3": {"aux_logits": False, "init_weights": True}}
+_TORCHVISION_KWARGS = {
+    "googlenet": {"aux_logits": False, "init_weights": True},
+    "inception_v3": {"aux_logits": False, "init_weights": True},
+}
 
 
 @dataclass
@@ -72,7 +75,9 @@ def _last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
     """The classification layer: the last nn.Linear registered in the model."""
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not linears:
-        raise ConfigError(f"{type(model).__name__} has no linear classification layer to replace; pick another backbone.")
+        raise ConfigError(
+            f"{type(model).__name__} has no linear classification layer to replace; pick another backbone."
+        )
     return linears[-1]
 
 
@@ -103,7 +108,9 @@ def torchvision_weights(name: str, weights: str):
     try:
         enum = get_model_weights(name)
     except (ValueError, KeyError):
-        raise ConfigError(f"torchvision has no pretrained weights for backbone.name={name!r}; use backbone.weights=null or a file") from None
+        raise ConfigError(
+            f"torchvision has no pretrained weights for backbone.name={name!r}; use backbone.weights=null or a file"
+        ) from None
     tail = weights.split(".")[-1]
     if tail == "DEFAULT":
         return enum.DEFAULT
@@ -151,4 +158,8 @@ def preprocessing_for(source: str, name: str, weights: str | None) -> Preprocess
 
 
 def looks_like_path(weights: str) -> bool:
-    return "/" in weights or "\\" in weights or weights.endswith((".pth", ".pt", ".ckpt", ".bin", ".safetensors"))
+    return (
+        "/" in weights
+        or "\\" in weights
+        or weights.endswith((".pth", ".pt", ".ckpt", ".bin", ".safetensors"))
+    )

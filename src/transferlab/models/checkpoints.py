@@ -18,10 +18,16 @@ def read_checkpoint(path: str | Path, trust: bool = False) -> dict[str, Any]:
     try:
         checkpoint = torch.load(file, map_location="cpu", weights_only=not trust)
     except Exception as err:
-        hint = "" if trust else " If you trust this file, add trust_checkpoint=true to load it with full unpickling."
+        hint = (
+            ""
+            if trust
+            else " If you trust this file, add trust_checkpoint=true to load it with full unpickling."
+        )
         raise ConfigError(f"ckpt_path={file}: cannot be read ({err}).{hint}") from err
     if "hyper_parameters" not in checkpoint or "class_names" not in checkpoint["hyper_parameters"]:
-        raise ConfigError(f"ckpt_path={file} is not a transferlab checkpoint (no class names in its hyper_parameters)")
+        raise ConfigError(
+            f"ckpt_path={file} is not a transferlab checkpoint (no class names in its hyper_parameters)"
+        )
     return checkpoint
 
 

@@ -15,8 +15,8 @@ from transferlab.errors import ConfigError
 from transferlab.finetune.freeze import apply_freeze, check_freeze, set_batchnorm_modes
 from transferlab.finetune.optim import build_optimizer, build_scheduler
 from transferlab.models.backbones import Backbone, build_backbone
-from transferlab.models.weights import load_pretrained
 from transferlab.models.metrics import classification_metrics, per_class_metrics
+from transferlab.models.weights import load_pretrained
 
 
 class ImageClassifier(L.LightningModule):
@@ -37,7 +37,9 @@ class ImageClassifier(L.LightningModule):
     ) -> None:
         super().__init__()
         if num_classes < 2 or len(class_names) != num_classes:
-            raise ConfigError(f"num_classes={num_classes} must be >= 2 and match the {len(class_names)} class names")
+            raise ConfigError(
+                f"num_classes={num_classes} must be >= 2 and match the {len(class_names)} class names"
+            )
         check_freeze(freeze.get("name", "none"), freeze.get("bn", "train"))
         self.save_hyperparameters(logger=False)
         built = build_backbone(backbone["source"], backbone["name"])
@@ -73,6 +75,11 @@ class ImageClassifier(L.LightningModule):
             set_batchnorm_modes(self.backbone, self.hparams.freeze.get("bn", "train"))
         return self
 
+    def on_train_epoch_start(self) -> None:
+        # Lightning restores per-module modes after validation instead of calling train(): re-apply the
+        # batch-norm policy at every epoch start; the restore then keeps it for the rest of the epoch.
+        set_batchnorm_modes(self.backbone, self.hparams.freeze.get("bn", "train"))
+
     def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str, metrics) -> torch.Tensor:
         images, targets = batch
         logits = self(images)
@@ -81,7 +88,15 @@ class ImageClassifier(L.LightningModule):
         if stage == "test":
             self.test_detail.update(logits.detach(), targets)
         prefix = self.test_split if stage == "test" else stage
-        self.log(f"{prefix}/loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=True, batch_size=len(targets), sync_dist=True)
+        self.log(
+            f"{prefix}/loss",
+            loss,
+            on_step=stage == "train",
+            on_epoch=True,
+            prog_bar=True,
+            batch_size=len(targets),
+            sync_dist=True,
+        )
         return loss
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
@@ -124,9 +139,13 @@ class ImageClassifier(L.LightningModule):
         import matplotlib.pyplot as plt
         from torchmetrics.utilities.plot import plot_confusion_matrix
 
-        fig, _ = plot_confusion_matrix(self.test_confusion, add_text=self.hparams.num_classes <= 20, labels=self.class_names)
+        fig, _ = plot_confusion_matrix(
+            self.test_confusion, add_text=self.hparams.num_classes <= 20, labels=self.class_names
+        )
         for logger in tensorboards:
-            logger.experiment.add_figure(f"{self.test_split}/confusion_matrix", fig, global_step=self.global_step)
+            logger.experiment.add_figure(
+                f"{self.test_split}/confusion_matrix", fig, global_step=self.global_step
+            )
         plt.close(fig)
 
     def configure_optimizers(self) -> Any:

@@ -45,7 +45,9 @@ def _socket_timeout(seconds: float):
         socket.setdefaulttimeout(previous)
 
 
-def load_pretrained(backbone: Backbone, source: str, name: str, weights: str | None, trust_file: bool = False) -> None:
+def load_pretrained(
+    backbone: Backbone, source: str, name: str, weights: str | None, trust_file: bool = False
+) -> None:
     """Fill `backbone` in place according to `backbone.weights`."""
     if weights is None:
         log.warning("backbone.weights=null: %s starts from RANDOM weights (no transfer learning).", name)
@@ -76,14 +78,18 @@ def _torchvision_state(name: str, weights_name: str) -> dict[str, torch.Tensor]:
         "(or set TORCH_HOME to a folder holding checkpoints/" + filename + "), or"
     )
     if not cached.is_file() and offline():
-        raise WeightsError(_offline_help(f"{name} weights {weights.name} are not cached and TRANSFERLAB_OFFLINE=1.", hint))
+        raise WeightsError(
+            _offline_help(f"{name} weights {weights.name} are not cached and TRANSFERLAB_OFFLINE=1.", hint)
+        )
     if not cached.is_file():
         log.info("Downloading %s weights %s to %s", name, weights.name, cached)
     try:
         with _socket_timeout(DOWNLOAD_TIMEOUT_S):
             return weights.get_state_dict(progress=False)
     except (URLError, OSError, TimeoutError) as err:
-        raise WeightsError(_offline_help(f"Could not download {name} weights {weights.name} from {weights.url}: {err}", hint)) from err
+        raise WeightsError(
+            _offline_help(f"Could not download {name} weights {weights.name} from {weights.url}: {err}", hint)
+        ) from err
 
 
 def _timm_state(name: str) -> dict[str, torch.Tensor]:
@@ -91,12 +97,16 @@ def _timm_state(name: str) -> dict[str, torch.Tensor]:
 
     hint = "pre-fill the Hugging Face cache (HF_HOME) on a machine with internet and set HF_HUB_OFFLINE=1, or"
     if offline():
-        raise WeightsError(_offline_help(f"timm weights for {name} need a download and TRANSFERLAB_OFFLINE=1.", hint))
+        raise WeightsError(
+            _offline_help(f"timm weights for {name} need a download and TRANSFERLAB_OFFLINE=1.", hint)
+        )
     try:
         with _socket_timeout(DOWNLOAD_TIMEOUT_S):
             model = timm.create_model(name, pretrained=True, num_classes=0)
     except Exception as err:  # timm/huggingface_hub raise many types for network failures
-        raise WeightsError(_offline_help(f"Could not load pretrained timm weights for {name}: {err}", hint)) from err
+        raise WeightsError(
+            _offline_help(f"Could not load pretrained timm weights for {name}: {err}", hint)
+        ) from err
     return model.state_dict()
 
 
@@ -137,7 +147,11 @@ def _unwrap_state_dict(obj: object, file: Path) -> dict[str, torch.Tensor]:
 def split_head_keys(state: Mapping[str, torch.Tensor], classifier_prefix: str) -> tuple[dict, list[str]]:
     """Separate the backbone's weights from those of the classification layer it had."""
     if any(k.startswith(_OUR_BACKBONE_PREFIX) for k in state):  # our LightningModule: backbone.* + head.*
-        body = {k.removeprefix(_OUR_BACKBONE_PREFIX): v for k, v in state.items() if k.startswith(_OUR_BACKBONE_PREFIX)}
+        body = {
+            k.removeprefix(_OUR_BACKBONE_PREFIX): v
+            for k, v in state.items()
+            if k.startswith(_OUR_BACKBONE_PREFIX)
+        }
         head = [k for k in state if not k.startswith(_OUR_BACKBONE_PREFIX)]
         return body, head
     head = [k for k in state if k.startswith(classifier_prefix + ".")]
@@ -150,7 +164,11 @@ def load_backbone_state(backbone: Backbone, state: Mapping[str, torch.Tensor], o
     expected = backbone.module.state_dict()
     missing = [k for k in expected if k not in body]
     unexpected = [k for k in body if k not in expected]
-    mismatched = [f"{k}: file {tuple(body[k].shape)} vs model {tuple(expected[k].shape)}" for k in body if k in expected and body[k].shape != expected[k].shape]
+    mismatched = [
+        f"{k}: file {tuple(body[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in body
+        if k in expected and body[k].shape != expected[k].shape
+    ]
     if missing or unexpected or mismatched:
         problems = []
         for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
@@ -165,4 +183,8 @@ def load_backbone_state(backbone: Backbone, state: Mapping[str, torch.Tensor], o
     backbone.module.load_state_dict(body, strict=True)
     log.info("Loaded backbone weights from %s (%d tensors).", origin, len(body))
     if head_keys:
-        log.info("Skipped %d classification-head tensors (a new head is trained): %s", len(head_keys), ", ".join(head_keys[:6]))
+        log.info(
+            "Skipped %d classification-head tensors (a new head is trained): %s",
+            len(head_keys),
+            ", ".join(head_keys[:6]),
+        )

@@ -1,0 +1,97 @@
+"""Shared fixtures: Hydra composition of the real configs, tiny fast overrides, hand-made data."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+from PIL import Image
+
+import transferlab.rundir  # noqa: F401  (registers ${run_uid:})
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = ROOT / "conf"
+
+os.environ.setdefault("TRANSFERLAB_OFFLINE", "1")  # tests never download
+
+# A run that takes seconds on a CPU: random-init ResNet-18 on 16x16 digits, a few batches.
+FAST = [
+    "backbone.weights=null",
+    "data.image_size=16",
+    "data.batch_size=16",
+    "trainer.accelerator=cpu",
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=3",
+    "trainer.limit_val_batches=2",
+    "trainer.limit_test_batches=2",
+    "trainer.log_every_n_steps=1",
+    "callbacks.progress.mode=plain",
+]
+
+
+def compose_config(
+    overrides: list[str], output_dir: Path | None = None, config_name: str = "train"
+) -> DictConfig:
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        extra = [f"paths.output_dir={output_dir}"] if output_dir is not None else []
+        return compose(config_name, overrides=overrides + extra)
+
+
+@pytest.fixture
+def fast_cfg(tmp_path):
+    """compose(...) with the FAST overrides and the run directory in tmp_path/run."""
+
+    def make(*overrides: str, output_dir: Path | None = None) -> DictConfig:
+        return compose_config(FAST + list(overrides), output_dir or tmp_path / "run")
+
+    return make
+
+
+def write_image_folder(
+    root: Path, layout: dict[str, dict[str, int]], size: int = 12, mode: str = "RGB"
+) -> Path:
+    """root/<split>/<class>/<i>.png with `count` images per class; pixel values differ by class."""
+    rng = np.random.default_rng(0)
+    for split, classes in layout.items():
+        for label, (name, count) in enumerate(classes.items()):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                pixels = (rng.integers(0, 60, (size, size, 3)) + 60 * label).clip(0, 255).astype(np.uint8)
+                Image.fromarray(pixels).convert(mode).save(folder / f"{i}.png")
+    return root
+
+
+def write_cifar10(root: Path, per_batch: int = 20) -> Path:
+    """A CIFAR-10 folder in the real on-disk format (pickled batches), small."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name in names:
+        labels = [i % 10 for i in range(per_batch)]
+        data = rng.integers(0, 255, (per_batch, 3072), dtype=np.uint8)
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": data, "labels": labels}, f)
+    meta = {
+        "label_names": [
+            "airplane",
+            "automobile",
+            "bird",
+            "cat",
+            "deer",
+            "dog",
+            "frog",
+            "horse",
+            "ship",
+            "truck",
+        ]
+    }
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump(meta, f)
+    return root

@@ -1,0 +1,202 @@
+"""End to end: train -> checkpoint -> eval on digits through the real CLI, and the run-directory rules."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from tests.conftest import FAST, ROOT
+from transferlab.errors import DataError
+from transferlab.evaluation import evaluate
+from transferlab.models.classifier import ImageClassifier
+from transferlab.training import train
+
+# the round trip evaluates whole val/test splits so that eval.py can be compared with training
+ROUND_TRIP = [o for o in FAST if not o.startswith(("trainer.limit_val", "trainer.limit_test"))]
+
+
+def run_cli(script: str, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TRANSFERLAB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(
+        [sys.executable, script, *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("cli") / "run"
+    run_cli("train.py", *ROUND_TRIP, "trainer.max_epochs=2", f"hydra.run.dir={run_dir}")
+    return run_dir
+
+
+def test_run_directory_holds_config_checkpoints_events_and_metrics(trained_run):
+    assert (trained_run / ".hydra" / "config.yaml").is_file()
+    assert (trained_run / "checkpoints" / "best.ckpt").is_file()
+    assert (trained_run / "checkpoints" / "last.ckpt").is_file()
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    for key in (
+        "val/acc",
+        "val/f1",
+        "test/acc",
+        "test/f1",
+        "test/loss",
+        "test/precision",
+        "test/recall",
+        "test/acc_top5",
+    ):
+        assert 0 <= metrics[key] <= (100 if key.endswith("loss") else 1), key
+    assert len(metrics["test/confusion_matrix"]) == 10 and metrics["class_names"][0] == "0"
+    assert sum(map(sum, metrics["test/confusion_matrix"])) == 360
+    assert Path(metrics["best_ckpt"]) == (trained_run / "checkpoints" / "best.ckpt").resolve()
+
+
+def test_tensorboard_has_scalars_learning_rates_hparams_and_confusion_image(trained_run):
+    tags = {"scalars": set(), "images": set(), "tensors": set()}
+    for events in (trained_run / "tensorboard").glob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events), size_guidance={"tensors": 0, "images": 0}).Reload()
+        for kind in tags:
+            tags[kind] |= set(acc.Tags().get(kind, []))
+    assert {"train/loss_step", "train/acc", "val/acc", "test/acc", "test/f1"} <= tags["scalars"]
+    assert any(t.startswith("lr-SGD/head") for t in tags["scalars"])
+    assert "test/confusion_matrix" in tags["images"]
+    plugins = set()
+    for events in (trained_run / "tensorboard").glob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events)).Reload()
+        with contextlib.suppress(KeyError):  # files without hparams
+            plugins |= set(acc.PluginTagToContent("hparams"))
+    assert "_hparams_/session_start_info" in plugins
+
+
+def test_checkpoint_is_plain_data_with_class_names_and_preprocessing(trained_run):
+    ckpt = torch.load(trained_run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
+    hparams = ckpt["hyper_parameters"]
+    assert hparams["class_names"] == [str(i) for i in range(10)]
+    assert hparams["preprocessing"]["crop_size"] == 16
+    assert ckpt["datamodule_hyper_parameters"]["data"]["name"] == "digits"
+
+
+def test_eval_reproduces_the_runs_metrics_and_they_are_right(trained_run, tmp_path):
+    trained = json.loads((trained_run / "metrics.json").read_text())
+    ckpt = trained_run / "checkpoints" / "best.ckpt"
+    for split in ("val", "test"):
+        out = tmp_path / split
+        run_cli(
+            "eval.py",
+            f"ckpt_path={ckpt}",
+            f"split={split}",
+            "trainer.accelerator=cpu",
+            f"hydra.run.dir={out}",
+        )
+        evaluated = json.loads((out / "metrics.json").read_text())
+        assert evaluated[f"{split}/acc"] == pytest.approx(trained[f"{split}/acc"], abs=1e-6)
+        assert evaluated[f"{split}/f1"] == pytest.approx(trained[f"{split}/f1"], abs=1e-6)
+    # accuracy counted by hand from the model's own predictions
+    from transferlab.data.datamodule import TransferDataModule
+    from transferlab.data.transforms import Preprocessing
+
+    model = ImageClassifier.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True).eval()
+    stored = torch.load(ckpt, weights_only=True)["datamodule_hyper_parameters"]
+    dm = TransferDataModule(stored["data"], Preprocessing.from_dict(stored["preprocessing"]))
+    correct = total = 0
+    with torch.no_grad():
+        for images, labels in dm.test_dataloader():
+            correct += (model(images).argmax(1) == labels).sum().item()
+            total += len(labels)
+    assert trained["test/acc"] == pytest.approx(correct / total, abs=1e-6)
+
+
+def test_eval_refuses_data_with_other_classes(trained_run, tmp_path):
+    from tests.conftest import compose_config
+
+    cfg = compose_config(
+        [f"ckpt_path={trained_run}/checkpoints/best.ckpt", "data.classes=[1,2,3]"], tmp_path, "eval"
+    )
+    with pytest.raises(DataError, match=r"trained on 10 classes .* but the data has 3 classes"):
+        evaluate(cfg)
+
+
+def test_never_overwrites_an_earlier_run(trained_run):
+    before = {p: p.stat().st_mtime_ns for p in trained_run.rglob("*") if p.is_file()}
+    proc = run_cli("train.py", *FAST, f"hydra.run.dir={trained_run}", check=False)
+    assert proc.returncode != 0
+    assert "already holds a run" in proc.stderr + proc.stdout
+    assert before == {p: p.stat().st_mtime_ns for p in trained_run.rglob("*") if p.is_file()}
+
+
+def test_runs_started_together_get_different_directories():
+    run_dir_template = (ROOT / "conf" / "hydra" / "default.yaml").read_text()
+    assert "${now:%Y-%m-%d_%H-%M-%S}_${run_uid:}" in run_dir_template
+    show = "import transferlab.rundir; from omegaconf import OmegaConf; print(OmegaConf.create({'d': '${run_uid:}'}).d)"
+    procs = [
+        subprocess.Popen([sys.executable, "-c", show], stdout=subprocess.PIPE, text=True) for _ in range(2)
+    ]
+    ids = [proc.communicate(timeout=60)[0].strip() for proc in procs]
+    assert len(ids[0]) == 6 and ids[0] != ids[1]  # same second, different processes: different run dirs
+
+
+def test_same_command_twice_gives_the_same_metrics(fast_cfg, tmp_path):
+    first = train(fast_cfg(output_dir=tmp_path / "a"))
+    second = train(fast_cfg(output_dir=tmp_path / "b"))
+    for key in ("val/acc", "val/loss", "test/acc", "test/loss", "test/f1"):
+        assert first[key] == second[key], key
+
+
+def test_binary_classification(fast_cfg):
+    metrics = train(fast_cfg("data.classes=[3,8]"))
+    assert metrics["class_names"] == ["3", "8"] and len(metrics["test/confusion_matrix"]) == 2
+    assert "test/acc_top5" not in metrics and 0 <= metrics["test/acc"] <= 1
+
+
+def test_failing_run_leaves_a_readable_directory(fast_cfg, tmp_path, monkeypatch):
+    def explode(self, batch, batch_idx):
+        if batch_idx == 1:
+            raise RuntimeError("boom at step 1")
+        return ImageClassifier._shared_step(self, batch, "train", self.train_metrics)
+
+    monkeypatch.setattr(ImageClassifier, "training_step", explode)
+    run_dir = tmp_path / "failed"
+    with pytest.raises(RuntimeError, match="boom"):
+        train(fast_cfg(output_dir=run_dir))
+    assert "boom at step 1" in (run_dir / "error.txt").read_text()
+    events = list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and "train/loss_step" in EventAccumulator(str(events[0])).Reload().Tags()["scalars"]
+    assert not (run_dir / "metrics.json").exists()
+
+
+def test_frozen_backbone_does_not_change(fast_cfg, tmp_path):
+    from torchvision.models import get_model
+
+    weights = tmp_path / "r18.pth"
+    torch.save(get_model("resnet18", weights=None).state_dict(), weights)
+    run_dir = tmp_path / "frozen"
+    train(fast_cfg("freeze=backbone", f"backbone.weights={weights}", output_dir=run_dir))
+    source = torch.load(weights, weights_only=True)
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    for key, value in state.items():
+        if key.startswith("backbone."):
+            assert torch.equal(value, source[key.removeprefix("backbone.")]), key  # BN running stats too
+    assert not any(k.startswith("backbone") for k in _optimizer_group_names(run_dir))
+
+
+def _optimizer_group_names(run_dir: Path) -> list[str]:
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    return [g["name"] for g in state["optimizer_states"][0]["param_groups"]]
+
+
+def test_checkpoint_with_other_classes_is_refused(fast_cfg, trained_run, tmp_path):
+    cfg = fast_cfg(
+        f"ckpt_path={trained_run}/checkpoints/last.ckpt", "data.classes=[0,1]", output_dir=tmp_path / "resume"
+    )
+    with pytest.raises(DataError, match="trained on 10 classes"):
+        train(cfg)
