@@ -1,0 +1,1 @@
+"""Data: datasets (digits, CIFAR-10, ImageFolder), transforms and the LightningDataModule."""
