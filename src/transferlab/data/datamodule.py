@@ -76,7 +76,11 @@ class TransferDataModule(L.LightningDataModule):
             raise ConfigError(f"the dataset has no {name} split")
         augment = self.cfg.get("augment") or {}
         transform = (
-            train_transform(self.preprocessing, tuple(augment.get("crop_scale", (0.5, 1.0))), bool(augment.get("hflip", True)))
+            train_transform(
+                self.preprocessing,
+                tuple(augment.get("crop_scale", (0.5, 1.0))),
+                bool(augment.get("hflip", True)),
+            )
             if train
             else eval_transform(self.preprocessing)
         )

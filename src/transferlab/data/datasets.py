@@ -107,14 +107,18 @@ class SplitDataset(Dataset):
         return self.transform(image), int(self._labels[i])
 
 
-def _stratified(indices: list[int], labels: list[int], fraction: float, seed: int, what: str) -> tuple[list[int], list[int]]:
+def _stratified(
+    indices: list[int], labels: list[int], fraction: float, seed: int, what: str
+) -> tuple[list[int], list[int]]:
     """Split indices into (rest, held_out) keeping class proportions."""
     if not 0 < fraction < 1:
         raise ConfigError(f"{what}={fraction} must be between 0 and 1")
     try:
         rest, held = train_test_split(indices, test_size=fraction, stratify=labels, random_state=seed)
     except ValueError as err:
-        raise DataError(f"cannot split stratified with {what}={fraction}: {err}. Each class needs at least 2 images.") from err
+        raise DataError(
+            f"cannot split stratified with {what}={fraction}: {err}. Each class needs at least 2 images."
+        ) from err
     return sorted(rest), sorted(held)
 
 
@@ -127,11 +131,15 @@ def _digits(cfg: dict[str, Any]) -> DataSplits:
     source = TensorSource(images, targets, "digits")
     all_idx = list(range(len(targets)))
     seed = int(cfg.get("split_seed", 0))
-    rest, test = _stratified(all_idx, targets, float(cfg.get("test_fraction", 0.2)), seed, "data.test_fraction")
+    rest, test = _stratified(
+        all_idx, targets, float(cfg.get("test_fraction", 0.2)), seed, "data.test_fraction"
+    )
     val_share = float(cfg.get("val_fraction", 0.2)) / (1.0 - float(cfg.get("test_fraction", 0.2)))
     train, val = _stratified(rest, [targets[i] for i in rest], val_share, seed, "data.val_fraction")
     names = [str(n) for n in digits.target_names]
-    return DataSplits(names, Split(source, train), Split(source, val), Split(source, test), "scikit-learn digits")
+    return DataSplits(
+        names, Split(source, train), Split(source, val), Split(source, test), "scikit-learn digits"
+    )
 
 
 class _LocalCIFAR10(CIFAR10):
@@ -158,7 +166,9 @@ def prepare_cifar10(root: str | os.PathLike, download: bool) -> None:
         return
     expected = Path(probe.root) / CIFAR10.base_folder
     if not download:
-        raise DataError(f"CIFAR-10 not found at {expected} and data.download=false. Put cifar-10-batches-py there.")
+        raise DataError(
+            f"CIFAR-10 not found at {expected} and data.download=false. Put cifar-10-batches-py there."
+        )
     try:
         with _socket_timeout(DOWNLOAD_TIMEOUT_S):
             _LocalCIFAR10(probe.root, train=True, download=True)
@@ -177,17 +187,31 @@ def _cifar10(cfg: dict[str, Any]) -> DataSplits:
     for train in (True, False):
         ds = _LocalCIFAR10(root, train=train, download=False)
         images = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2)
-        splits[train] = TensorSource(images, [int(t) for t in ds.targets], "cifar10-" + ("train" if train else "test"))
+        splits[train] = TensorSource(
+            images, [int(t) for t in ds.targets], "cifar10-" + ("train" if train else "test")
+        )
     train_src = splits[True]
     train, val = _stratified(
-        list(range(len(train_src.targets))), train_src.targets, float(cfg.get("val_fraction", 0.1)), int(cfg.get("split_seed", 0)), "data.val_fraction"
+        list(range(len(train_src.targets))),
+        train_src.targets,
+        float(cfg.get("val_fraction", 0.1)),
+        int(cfg.get("split_seed", 0)),
+        "data.val_fraction",
     )
     test_src = splits[False]
-    return DataSplits(list(ds.classes), Split(train_src, train), Split(train_src, val), Split(test_src, list(range(len(test_src.targets)))), root)
+    return DataSplits(
+        list(ds.classes),
+        Split(train_src, train),
+        Split(train_src, val),
+        Split(test_src, list(range(len(test_src.targets)))),
+        root,
+    )
 
 
 def _is_image(entry: os.DirEntry) -> bool:
-    return not entry.name.startswith(".") and entry.name.lower().endswith(IMAGE_EXTENSIONS) and entry.is_file()
+    return (
+        not entry.name.startswith(".") and entry.name.lower().endswith(IMAGE_EXTENSIONS) and entry.is_file()
+    )
 
 
 def _scan_split(split_dir: Path, class_names: list[str]) -> FileSource:
@@ -210,13 +234,17 @@ def _scan_split(split_dir: Path, class_names: list[str]) -> FileSource:
 
 def _imagefolder(cfg: dict[str, Any]) -> DataSplits:
     if not cfg.get("root"):
-        raise ConfigError("data=imagefolder needs data.root=/path/to/images (with train/, optional val/ and test/)")
+        raise ConfigError(
+            "data=imagefolder needs data.root=/path/to/images (with train/, optional val/ and test/)"
+        )
     root = Path(cfg["root"]).expanduser()
     if not root.is_dir():
         raise DataError(f"data.root={root} does not exist or is not a folder")
     train_dir = root / "train"
     if not train_dir.is_dir():
-        raise DataError(f"{train_dir} not found: data.root must hold train/<class>/<image> (and optionally val/, test/)")
+        raise DataError(
+            f"{train_dir} not found: data.root must hold train/<class>/<image> (and optionally val/, test/)"
+        )
     class_names = sorted(d.name for d in os.scandir(train_dir) if d.is_dir() and not d.name.startswith("."))
     if not class_names:
         raise DataError(f"{train_dir} has no class folders: expected train/<class>/<image>")
@@ -226,9 +254,19 @@ def _imagefolder(cfg: dict[str, Any]) -> DataSplits:
         val_src = _scan_split(root / "val", class_names)
         val = Split(val_src, list(range(len(val_src.targets))))
     else:
-        rest, held = _stratified(train.indices, train_src.targets, float(cfg.get("val_fraction", 0.2)), int(cfg.get("split_seed", 0)), "data.val_fraction")
+        rest, held = _stratified(
+            train.indices,
+            train_src.targets,
+            float(cfg.get("val_fraction", 0.2)),
+            int(cfg.get("split_seed", 0)),
+            "data.val_fraction",
+        )
         train, val = Split(train_src, rest), Split(train_src, held)
-        log.info("No %s: holding out a stratified %.0f%% of train for validation.", root / "val", 100 * float(cfg.get("val_fraction", 0.2)))
+        log.info(
+            "No %s: holding out a stratified %.0f%% of train for validation.",
+            root / "val",
+            100 * float(cfg.get("val_fraction", 0.2)),
+        )
     test = None
     if (root / "test").is_dir():
         test_src = _scan_split(root / "test", class_names)
@@ -250,7 +288,9 @@ def resolve_classes(requested: list[Any] | None, class_names: list[str]) -> list
         elif isinstance(item, int) and 0 <= item < len(class_names):
             chosen.append(item)
         else:
-            raise ConfigError(f"data.classes: {item!r} is neither a class name nor an id. Classes: {', '.join(class_names)}")
+            raise ConfigError(
+                f"data.classes: {item!r} is neither a class name nor an id. Classes: {', '.join(class_names)}"
+            )
     if len(set(chosen)) != len(chosen):
         raise ConfigError(f"data.classes lists a class twice: {requested}")
     if len(chosen) < 2:
@@ -283,7 +323,9 @@ def _check_coverage(split: Split | None, split_name: str, class_names: list[str]
     counts = Counter(split.labels().tolist())
     missing = [name for label, name in enumerate(class_names) if counts[label] == 0]
     if missing:
-        raise DataError(f"class(es) {', '.join(missing)} have no images in the {split_name} split of {origin}")
+        raise DataError(
+            f"class(es) {', '.join(missing)} have no images in the {split_name} split of {origin}"
+        )
 
 
 def build_splits(cfg: dict[str, Any], seed: int = 0) -> DataSplits:
@@ -299,7 +341,9 @@ def build_splits(cfg: dict[str, Any], seed: int = 0) -> DataSplits:
     test = _keep_classes(raw.test, label_map) if raw.test is not None else None
     if cfg.get("shots"):
         shots_seed = cfg.get("shots_seed")
-        train = _few_shot(train, int(cfg["shots"]), int(seed if shots_seed is None else shots_seed), class_names)
+        train = _few_shot(
+            train, int(cfg["shots"]), int(seed if shots_seed is None else shots_seed), class_names
+        )
     for split, split_name in ((train, "train"), (val, "val"), (test, "test")):
         _check_coverage(split, split_name, class_names, raw.origin)
     return DataSplits(class_names, train, val, test, raw.origin)

@@ -6,8 +6,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import v2
+from torchvision.transforms import InterpolationMode, v2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -79,7 +78,12 @@ def train_transform(
     steps: list[v2.Transform] = [
         v2.ToImage(),
         v2.RGB(),  # grayscale (and RGBA) inputs become the 3 channels pretrained backbones expect
-        v2.RandomResizedCrop(prep.crop_size, scale=tuple(crop_scale), interpolation=_interpolation(prep.interpolation), antialias=True),
+        v2.RandomResizedCrop(
+            prep.crop_size,
+            scale=tuple(crop_scale),
+            interpolation=_interpolation(prep.interpolation),
+            antialias=True,
+        ),
     ]
     if hflip:
         steps.append(v2.RandomHorizontalFlip())
