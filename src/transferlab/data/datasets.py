@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.datasets import CIFAR10
 
+from transferlab.downloads import socket_timeout
 from transferlab.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -158,8 +159,6 @@ class _LocalCIFAR10(CIFAR10):
 
 def prepare_cifar10(root: str | os.PathLike, download: bool) -> None:
     """Download CIFAR-10 into `root` unless its files are already there; fail clearly offline."""
-    from transferlab.models.weights import DOWNLOAD_TIMEOUT_S, _socket_timeout
-
     probe = _LocalCIFAR10.__new__(_LocalCIFAR10)
     probe.root = str(Path(root).expanduser())
     if probe._check_integrity():
@@ -170,7 +169,7 @@ def prepare_cifar10(root: str | os.PathLike, download: bool) -> None:
             f"CIFAR-10 not found at {expected} and data.download=false. Put cifar-10-batches-py there."
         )
     try:
-        with _socket_timeout(DOWNLOAD_TIMEOUT_S):
+        with socket_timeout():
             _LocalCIFAR10(probe.root, train=True, download=True)
     except (OSError, RuntimeError) as err:
         raise DataError(

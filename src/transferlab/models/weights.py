@@ -13,36 +13,19 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from collections.abc import Mapping
-from contextlib import contextmanager
 from pathlib import Path
 from urllib.error import URLError
 
 import torch
 
+from transferlab.downloads import offline, socket_timeout
 from transferlab.errors import WeightsError
 from transferlab.models.backbones import Backbone, looks_like_path, torchvision_weights
 
 log = logging.getLogger(__name__)
 
-DOWNLOAD_TIMEOUT_S = 10
 _OUR_BACKBONE_PREFIX = "backbone."
-_OUR_HEAD_PREFIX = "head."
-
-
-def offline() -> bool:
-    return os.environ.get("TRANSFERLAB_OFFLINE", "0").lower() in ("1", "true", "yes")
-
-
-@contextmanager
-def _socket_timeout(seconds: float):
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(seconds)
-    try:
-        yield
-    finally:
-        socket.setdefaulttimeout(previous)
 
 
 def load_pretrained(
@@ -84,7 +67,7 @@ def _torchvision_state(name: str, weights_name: str) -> dict[str, torch.Tensor]:
     if not cached.is_file():
         log.info("Downloading %s weights %s to %s", name, weights.name, cached)
     try:
-        with _socket_timeout(DOWNLOAD_TIMEOUT_S):
+        with socket_timeout():
             return weights.get_state_dict(progress=False)
     except (URLError, OSError, TimeoutError) as err:
         raise WeightsError(
@@ -101,7 +84,7 @@ def _timm_state(name: str) -> dict[str, torch.Tensor]:
             _offline_help(f"timm weights for {name} need a download and TRANSFERLAB_OFFLINE=1.", hint)
         )
     try:
-        with _socket_timeout(DOWNLOAD_TIMEOUT_S):
+        with socket_timeout():
             model = timm.create_model(name, pretrained=True, num_classes=0)
     except Exception as err:  # timm/huggingface_hub raise many types for network failures
         raise WeightsError(
