@@ -12,7 +12,7 @@ from transferlab.data.datasets import DATASETS
 from transferlab.errors import ConfigError
 from transferlab.finetune.freeze import check_freeze
 from transferlab.finetune.optim import SCHEDULERS
-from transferlab.models.backbones import check_backbone_name, looks_like_path, torchvision_weights
+from transferlab.models.backbones import check_backbone_name, is_weights_file, torchvision_weights
 
 
 def to_plain(node: Any) -> Any:
@@ -24,14 +24,11 @@ def _check_weights(backbone: DictConfig) -> None:
     weights = backbone.get("weights")
     if weights is None:
         return
-    if looks_like_path(str(weights)) and not Path(str(weights)).expanduser().is_file():
+    if not is_weights_file(str(weights)):
+        if backbone.source == "torchvision":
+            torchvision_weights(backbone.name, str(weights))  # a weights name the model has
+    elif not Path(str(weights)).expanduser().is_file():
         raise ConfigError(f"backbone.weights={weights}: no such file")
-    if (
-        backbone.source == "torchvision"
-        and not looks_like_path(str(weights))
-        and not Path(str(weights)).is_file()
-    ):
-        torchvision_weights(backbone.name, str(weights))
 
 
 def _positive(value: Any, key: str, allow_none: bool = True) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 
 import torch.nn as nn
 import torchvision
@@ -140,7 +141,7 @@ def preprocessing_for(source: str, name: str, weights: str | None) -> Preprocess
             std=tuple(config["std"]),
             interpolation=config.get("interpolation", "bilinear"),
         )
-    is_named = weights is not None and not looks_like_path(weights)
+    is_named = weights is not None and not is_weights_file(weights)
     try:
         enum_value = torchvision_weights(name, weights if is_named else "DEFAULT")
     except ConfigError:
@@ -157,9 +158,8 @@ def preprocessing_for(source: str, name: str, weights: str | None) -> Preprocess
     )
 
 
-def looks_like_path(weights: str) -> bool:
-    return (
-        "/" in weights
-        or "\\" in weights
-        or weights.endswith((".pth", ".pt", ".ckpt", ".bin", ".safetensors"))
-    )
+def is_weights_file(weights: str) -> bool:
+    """`backbone.weights` names a file (existing or not), not a weights name like IMAGENET1K_V2."""
+    suffixes = (".pth", ".pt", ".ckpt", ".bin", ".safetensors")
+    looks_like_path = "/" in weights or "\\" in weights or weights.endswith(suffixes)
+    return looks_like_path or Path(weights).expanduser().is_file()

@@ -21,7 +21,7 @@ import torch
 
 from transferlab.downloads import offline, socket_timeout
 from transferlab.errors import WeightsError
-from transferlab.models.backbones import Backbone, looks_like_path, torchvision_weights
+from transferlab.models.backbones import Backbone, is_weights_file, torchvision_weights
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def load_pretrained(
     if weights is None:
         log.warning("backbone.weights=null: %s starts from RANDOM weights (no transfer learning).", name)
         return
-    if looks_like_path(weights) or Path(weights).expanduser().is_file():
+    if is_weights_file(weights):
         state = read_weights_file(weights, trust_file)
         load_backbone_state(backbone, state, origin=weights)
         return
