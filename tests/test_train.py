@@ -180,7 +180,7 @@ def test_frozen_backbone_does_not_change(fast_cfg, tmp_path):
     weights = tmp_path / "r18.pth"
     torch.save(get_model("resnet18", weights=None).state_dict(), weights)
     run_dir = tmp_path / "frozen"
-    train(fast_cfg("freeze=backbone", f"backbone.weights={weights}", output_dir=run_dir))
+    train(fast_cfg("freeze=linear_probe", f"backbone.weights={weights}", output_dir=run_dir))
     source = torch.load(weights, weights_only=True)
     state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     for key, value in state.items():
