@@ -10,7 +10,7 @@ from typing import Any
 import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, ProgressBar
-from lightning.pytorch.loggers import Logger
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from transferlab.config import to_plain, validate_train_config
@@ -88,6 +88,17 @@ def _flat_hparams(cfg: DictConfig) -> dict[str, Any]:
     return flat
 
 
+def log_final_hparams(loggers: list[Logger], hparams: dict[str, Any], metrics: dict[str, Any]) -> None:
+    """The run's config with its final metrics: TensorBoard's HPARAMS tab pairs them; other loggers
+    (CSV) take no metrics in log_hyperparams."""
+    scalars = {k: v for k, v in metrics.items() if isinstance(v, int | float) and "/" in k}
+    for logger in loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.log_hyperparams(hparams, metrics=scalars)
+        else:
+            logger.log_hyperparams(hparams)
+
+
 def final_metrics(
     trainer: L.Trainer, model: ImageClassifier, datamodule: TransferDataModule, test: bool
 ) -> dict[str, Any]:
@@ -129,9 +140,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         metrics = final_metrics(trainer, model, datamodule, test=bool(cfg.get("test_after_fit", True)))
         if trainer.is_global_zero:
             write_json(output_dir / "metrics.json", metrics)
-            scalars = {k: v for k, v in metrics.items() if isinstance(v, int | float) and "/" in k}
-            for logger in loggers:
-                logger.log_hyperparams(_flat_hparams(cfg), metrics=scalars)
+            log_final_hparams(loggers, _flat_hparams(cfg), metrics)
         log.info("Run directory: %s", output_dir)
         status = "success"
         return metrics
