@@ -103,14 +103,14 @@ def final_metrics(
     trainer: L.Trainer, model: ImageClassifier, datamodule: TransferDataModule, test: bool
 ) -> dict[str, Any]:
     """Validate (and test) the best checkpoint; the logged values, the confusion matrix, and where it is."""
-    checkpoint = trainer.checkpoint_callback
-    best = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
-    ckpt_path = "best" if best else None
+    # the checkpoint callback that monitors optimized_metric (the other one writes last.ckpt)
+    monitoring = [c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None)]
+    best = monitoring[0].best_model_path if monitoring and monitoring[0].best_model_path else None
     metrics: dict[str, Any] = {}
-    for result in trainer.validate(model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False):
+    for result in trainer.validate(model, datamodule=datamodule, ckpt_path=best, verbose=False):
         metrics.update(result)
     if test and datamodule.has_split("test"):
-        for result in trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False):
+        for result in trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False):
             metrics.update(result)
         metrics["test/confusion_matrix"] = model.test_confusion.tolist()
     elif test:
