@@ -11,6 +11,7 @@ import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from transferlab.config import to_plain, validate_train_config
@@ -122,9 +123,22 @@ def final_metrics(
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Fit, then evaluate the best checkpoint; writes metrics.json to the run directory and returns it."""
-    validate_train_config(cfg)
+    """Fit, then evaluate the best checkpoint; writes metrics.json to the run directory and returns it.
+
+    Any failure, from config validation on, leaves its traceback in error.txt (sweep summaries list it).
+    """
     output_dir = Path(cfg.paths.output_dir)
+    try:
+        return _fit_and_evaluate(cfg, output_dir)
+    except BaseException:
+        if rank_zero_only.rank == 0:  # the run directory stays readable: config, logs, checkpoints, the error
+            output_dir.mkdir(parents=True, exist_ok=True)
+            (output_dir / "error.txt").write_text(traceback.format_exc())
+        raise
+
+
+def _fit_and_evaluate(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
+    validate_train_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg.data, cfg.backbone, cfg.seed)
     datamodule.prepare_data()
@@ -144,11 +158,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log.info("Run directory: %s", output_dir)
         status = "success"
         return metrics
-    except BaseException:
-        if trainer.is_global_zero:  # the run directory stays readable: config, logs, checkpoints, the error
-            output_dir.mkdir(parents=True, exist_ok=True)
-            (output_dir / "error.txt").write_text(traceback.format_exc())
-        raise
     finally:
         for logger in loggers:
             logger.finalize(status)
