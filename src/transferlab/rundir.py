@@ -22,6 +22,11 @@ OmegaConf.register_new_resolver("run_uid", lambda: _RUN_UID, replace=True, use_c
 RUN_MARKERS = (".hydra", "checkpoints", "metrics.json")
 
 
+def is_rank_zero_process() -> bool:
+    """False in the processes that Lightning (LOCAL_RANK) or srun (SLURM_PROCID) start besides rank 0."""
+    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("SLURM_PROCID", "0") == "0"
+
+
 def find_earlier_run(directory: str | os.PathLike) -> Path | None:
     """The first file or folder showing that `directory` already holds a run, if any."""
     for marker in RUN_MARKERS:
@@ -39,8 +44,8 @@ class RunDirGuard(Callback):
     """
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if os.environ.get("LOCAL_RANK", "0") != "0":
-            return  # processes that Lightning starts for DDP join the directory of rank 0
+        if not is_rank_zero_process():
+            return  # processes that Lightning or srun start for DDP join the directory of rank 0
         run_dir = config.hydra.run.dir
         earlier = find_earlier_run(run_dir)
         if earlier is not None:

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from transferlab.config import to_plain, validate_train_config
 from transferlab.data.datamodule import TransferDataModule
+from transferlab.distributed import check_multirun_processes, is_multirun
 from transferlab.finetune.lr_find import find_lr
 from transferlab.models.backbones import preprocessing_for
 from transferlab.models.checkpoints import check_checkpoint_classes, read_checkpoint
@@ -139,6 +140,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 def _fit_and_evaluate(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     validate_train_config(cfg)
+    check_multirun_processes(cfg.trainer, multirun=is_multirun())
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg.data, cfg.backbone, cfg.seed)
     datamodule.prepare_data()

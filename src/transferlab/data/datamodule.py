@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 
 from transferlab.data.datasets import DataSplits, SplitDataset, build_splits, prepare_cifar10
 from transferlab.data.transforms import Preprocessing, eval_transform, train_transform
+from transferlab.distributed import exact_eval_loader
 from transferlab.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -99,11 +100,12 @@ class TransferDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)
 
+    # under DDP each val/test sample is evaluated exactly once (no padding duplicates): transferlab.distributed
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", train=False)
+        return exact_eval_loader(self._loader("val", train=False), self.trainer)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", train=False)
+        return exact_eval_loader(self._loader("test", train=False), self.trainer)
 
     def split_dataloader(self, name: str) -> DataLoader:
         """Evaluation loader of any split (eval.py)."""
