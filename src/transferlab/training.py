@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import traceback
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
@@ -21,6 +23,7 @@ from transferlab.finetune.lr_find import find_lr
 from transferlab.models.backbones import preprocessing_for
 from transferlab.models.checkpoints import check_checkpoint_classes, read_checkpoint
 from transferlab.models.classifier import ImageClassifier
+from transferlab.resume import ReseedEachEpoch, start_checkpoint
 from transferlab.rundir import write_json
 
 log = logging.getLogger(__name__)
@@ -131,23 +134,27 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(cfg.paths.output_dir)
     try:
         return _fit_and_evaluate(cfg, output_dir)
-    except BaseException:
+    except BaseException as error:
         if rank_zero_only.rank == 0:  # the run directory stays readable: config, logs, checkpoints, the error
             output_dir.mkdir(parents=True, exist_ok=True)
             (output_dir / "error.txt").write_text(traceback.format_exc())
+        if isinstance(error, SIGTERMException):  # a SystemExit with status 0, as if the run had succeeded
+            raise SystemExit(128 + signal.SIGTERM) from None
         raise
 
 
 def _fit_and_evaluate(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     validate_train_config(cfg)
     check_multirun_processes(cfg.trainer, multirun=is_multirun())
+    cfg.ckpt_path = start_checkpoint(cfg.get("ckpt_path"), output_dir)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg.data, cfg.backbone, cfg.seed)
     datamodule.prepare_data()
     datamodule.setup("fit")
     model = build_model(cfg, datamodule)
     loggers = instantiate_group(cfg.get("logger"))
-    trainer = build_trainer(cfg, instantiate_group(cfg.get("callbacks")), loggers)
+    callbacks = [*instantiate_group(cfg.get("callbacks")), ReseedEachEpoch(cfg.seed)]
+    trainer = build_trainer(cfg, callbacks, loggers)
     status = "failed"
     try:
         if cfg.tune.get("lr_find") and not cfg.get("ckpt_path"):

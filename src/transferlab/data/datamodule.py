@@ -9,7 +9,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, RandomSampler
 
 from transferlab.data.datasets import DataSplits, SplitDataset, build_splits, prepare_cifar10
 from transferlab.data.transforms import Preprocessing, eval_transform, train_transform
@@ -89,7 +89,13 @@ class TransferDataModule(L.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=train,
+            # Resumable randomness: the order and the augmentation of an epoch draw from the global RNG,
+            # reseeded when the epoch starts (resume.ReseedEachEpoch), and nothing else may draw from it in
+            # between. Each new iterator draws a worker seed, from the loader's own generator here: Lightning
+            # makes the first epoch's iterator before that epoch starts, later ones after, so a draw from the
+            # global RNG would shift a resumed epoch. (RandomSampler draws on the first batch.)
+            sampler=RandomSampler(dataset) if train else None,
+            generator=torch.Generator().manual_seed(self.seed) if train else None,
             # a last batch of one image breaks batch norm in training mode
             drop_last=train and len(dataset) % self.batch_size == 1,
             num_workers=self.num_workers,
