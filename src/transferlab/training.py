@@ -25,6 +25,7 @@ from transferlab.models.checkpoints import check_checkpoint_classes, read_checkp
 from transferlab.models.classifier import ImageClassifier
 from transferlab.resume import ReseedEachEpoch, start_checkpoint
 from transferlab.rundir import write_json
+from transferlab.speed import apply_speed_options
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +153,7 @@ def _fit_and_evaluate(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     datamodule.prepare_data()
     datamodule.setup("fit")
     model = build_model(cfg, datamodule)
+    apply_speed_options(model, to_plain(cfg.get("model")))
     loggers = instantiate_group(cfg.get("logger"))
     callbacks = [*instantiate_group(cfg.get("callbacks")), ReseedEachEpoch(cfg.seed)]
     trainer = build_trainer(cfg, callbacks, loggers)
