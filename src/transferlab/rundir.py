@@ -14,10 +14,8 @@ from omegaconf import DictConfig, OmegaConf
 
 # One id per process: stable for every resolution of `${run_uid:}` in this process, and two runs
 # started in the same second (on any machine of a cluster) still get different directories.
-# Cached in the config: Hydra copies the cache into each sweep job's config, so a job that runs in
-# another process (submitit) resolves the same sweep directory as the process that launched it.
 _RUN_UID = secrets.token_hex(3)
-OmegaConf.register_new_resolver("run_uid", lambda: _RUN_UID, replace=True, use_cache=True)
+OmegaConf.register_new_resolver("run_uid", lambda: _RUN_UID, replace=True)
 
 RUN_MARKERS = (".hydra", "checkpoints", "metrics.json")
 
