@@ -46,12 +46,12 @@ TARGET_METHODS = {
     "full_discriminative": (
         "full, backbone LR x0.1",
         "digits_finetune",
-        [WEIGHTS, "optim.lr=0.05", "optim.backbone_lr_mult=0.1"],
+        [WEIGHTS, "optim.backbone_lr_mult=0.1"],
     ),
     "full_layer_decay": (
-        "full, layer decay 0.6",
+        "full, layer decay 0.75",
         "digits_finetune",
-        [WEIGHTS, "optim.lr=0.05", "optim.layer_decay=0.6"],
+        [WEIGHTS, "optim.layer_decay=0.75"],
     ),
 }
 DEFAULT_METHODS = ("full", "linear_probe", "scratch")
