@@ -15,7 +15,7 @@ def test_summary_table_mean_and_spread():
         ]
     }
     table = summarise(runs)
-    assert "| a | 0.600 ± 0.141 | 0.500 ± 0.141 | 0.700 ± 0.141 |" in table
+    assert "| a | 0.600 ± 0.141 | 0.500 ± 0.141 | 0.700 ± 0.141 | 0.500 0.700 |" in table
 
 
 def test_demo_runs_end_to_end(tmp_path, capsys):

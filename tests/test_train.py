@@ -134,6 +134,15 @@ def test_never_overwrites_an_earlier_run(trained_run):
     assert before == {p: p.stat().st_mtime_ns for p in trained_run.rglob("*") if p.is_file()}
 
 
+def test_a_bad_value_ends_the_cli_with_one_line_not_a_traceback(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_cli("train.py", *FAST, "optim.layer_decay=2", f"hydra.run.dir={run_dir}", check=False)
+    assert proc.returncode == 2
+    output = proc.stdout + proc.stderr
+    assert "optim.layer_decay=2 must be in (0, 1]" in output and "Traceback" not in output
+    assert "optim.layer_decay=2" in (run_dir / "train.log").read_text()  # the run's log has it too
+
+
 def test_runs_started_together_get_different_directories():
     run_dir_template = (ROOT / "conf" / "hydra" / "default.yaml").read_text()
     assert "${now:%Y-%m-%d_%H-%M-%S}_${run_uid:}" in run_dir_template

@@ -107,6 +107,10 @@ class ImageClassifier(L.LightningModule):
             self.apply_freeze(epoch=0)
 
     def on_fit_start(self) -> None:
+        if self.trainer.is_global_zero:
+            self._log_stages()
+
+    def _log_stages(self) -> None:
         scales = stage_lr_scales(
             len(self.stages),
             self.hparams.optim.get("backbone_lr_mult", 1.0),
