@@ -80,13 +80,6 @@ def check_multirun_processes(trainer: DictConfig, multirun: bool) -> None:
         )
 
 
-def is_multirun() -> bool:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-
-
 def check_sweep_launch(config: DictConfig) -> None:
     """The checks a sweep gets before its first job: SLURM resources, or no Lightning-started processes."""
     if config.hydra.launcher.get("_target_") == SLURM_LAUNCHER:

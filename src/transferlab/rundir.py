@@ -48,6 +48,14 @@ OmegaConf.register_new_resolver("or_else", lambda value, other: str(value) if va
 OmegaConf.register_new_resolver("if_set", lambda value, then, other: then if value else other, replace=True)
 
 
+def is_multirun() -> bool:
+    """True in the jobs of a Hydra sweep (-m), wherever the launcher runs them."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 def find_earlier_run(directory: str | os.PathLike) -> Path | None:
     """The first file or folder showing that `directory` already holds a run, if any."""
     for marker in RUN_MARKERS:

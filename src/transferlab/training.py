@@ -18,13 +18,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from transferlab.config import to_plain, validate_train_config
 from transferlab.data.datamodule import TransferDataModule
-from transferlab.distributed import check_multirun_processes, is_multirun
+from transferlab.distributed import check_multirun_processes
 from transferlab.finetune.lr_find import find_lr
 from transferlab.models.backbones import preprocessing_for
 from transferlab.models.checkpoints import check_checkpoint_classes, read_checkpoint
 from transferlab.models.classifier import ImageClassifier
 from transferlab.resume import ReseedEachEpoch, start_checkpoint
-from transferlab.rundir import write_json
+from transferlab.rundir import is_multirun, write_json
 from transferlab.speed import apply_speed_options
 
 log = logging.getLogger(__name__)
