@@ -170,8 +170,10 @@ def test_run_killed_mid_epoch_and_resumed_reaches_the_uninterrupted_metrics(tmp_
     log = proc.communicate(timeout=120)[0]
     assert proc.returncode != 0, log[-2000:]
     assert not (killed / "metrics.json").exists()
-    run_cli("train.py", f"resume={killed}")  # from last.ckpt, the end of epoch 0
+    resumed = run_cli("train.py", f"resume={killed}")  # from last.ckpt, the end of epoch 0
     assert _final(killed / "metrics.json") == uninterrupted
+    summaries = [line for line in resumed.stdout.splitlines() if "transferlab.callbacks" in line]
+    assert len(summaries) == 1 and "epoch 2/2" in summaries[0] and "val/acc=" in summaries[0]
 
 
 def test_slurm_requeue_continues_in_the_same_directory(tmp_path):
