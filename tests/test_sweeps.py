@@ -18,6 +18,7 @@ from transferlab.sweep.summary import write_summary
 # sweeps whose metrics do not matter, only that every job ran: one batch per stage
 SWEEP = [o for o in FAST if not o.startswith("trainer.limit_")]
 SWEEP += ["trainer.limit_train_batches=1", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1"]
+SWEEP += ["trainer.num_sanity_val_steps=0", "logger=none"]  # and runs without a logger work
 
 
 def _table(markdown: str) -> list[list[str]]:
