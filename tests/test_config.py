@@ -95,6 +95,8 @@ def test_missing_weights_file_names_the_path(tmp_path):
         ("data.shots=0", "data.shots=0"),
         ("loss.label_smoothing=1.5", "loss.label_smoothing=1.5"),
         ("optim._target_=torch.optim.Nope", "optim._target_='torch.optim.Nope'"),
+        ("optimized_mode=maximum", "optimized_mode='maximum' is not valid; choose one of: max, min"),
+        ("model.compile=yes", "model.compile='yes' must be true or false"),
     ],
 )
 def test_bad_values_name_the_key(override, pattern, tmp_path):

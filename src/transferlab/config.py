@@ -65,3 +65,12 @@ def validate_train_config(cfg: DictConfig) -> None:
         raise ConfigError(f"loss.label_smoothing={smoothing} must be in [0, 1)")
     if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
         raise ConfigError(f"ckpt_path={cfg.ckpt_path}: no such file")
+    _check_scale_options(cfg)
+
+
+def _check_scale_options(cfg: DictConfig) -> None:
+    if cfg.get("optimized_mode", "max") not in ("max", "min"):
+        raise ConfigError(f"optimized_mode={cfg.optimized_mode!r} is not valid; choose one of: max, min")
+    for key, value in (cfg.get("model") or {}).items():
+        if not isinstance(value, bool):
+            raise ConfigError(f"model.{key}={value!r} must be true or false")
