@@ -35,11 +35,12 @@ FAST = [
 
 
 def compose_config(
-    overrides: list[str], output_dir: Path | None = None, config_name: str = "train"
+    overrides: list[str], output_dir: Path | None = None, config_name: str = "train", with_hydra: bool = False
 ) -> DictConfig:
+    """The composed config; with_hydra: with its `hydra` node (launcher, run dir) as Hydra's callbacks see it."""
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
         extra = [f"paths.output_dir={output_dir}"] if output_dir is not None else []
-        return compose(config_name, overrides=overrides + extra)
+        return compose(config_name, overrides=overrides + extra, return_hydra_config=with_hydra)
 
 
 @pytest.fixture

@@ -209,3 +209,12 @@ def test_checkpoint_with_other_classes_is_refused(fast_cfg, trained_run, tmp_pat
     )
     with pytest.raises(DataError, match="trained on 10 classes"):
         train(cfg)
+
+
+def test_csv_logger_records_metrics_and_hyperparameters(fast_cfg, tmp_path):
+    run_dir = tmp_path / "csv_run"
+    metrics = train(fast_cfg("logger=csv", output_dir=run_dir))
+    rows = (run_dir / "csv" / "metrics.csv").read_text().splitlines()
+    assert "val/acc" in rows[0].split(",") and len(rows) > 1
+    assert "optim/lr" in (run_dir / "csv" / "hparams.yaml").read_text()
+    assert (run_dir / "metrics.json").is_file() and 0 <= metrics["test/acc"] <= 1

@@ -20,6 +20,7 @@ class EpochSummary(Callback):
     """One log line per epoch with the main metrics, for batch jobs and log files."""
 
     KEYS = ("train/loss", "train/acc", "val/loss", "val/acc", "val/f1")
+    first_epoch = 0  # the first epoch this process trains (set at on_train_start)
 
     def _summary(self, trainer: L.Trainer, epoch: int) -> None:
         values = trainer.callback_metrics
@@ -28,9 +29,12 @@ class EpochSummary(Callback):
         )
         log.info("epoch %d/%d  %s", epoch + 1, trainer.max_epochs, shown)
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.first_epoch = trainer.current_epoch  # after a resume, earlier epochs were another process's
+
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # the previous epoch's train metrics are logged after callbacks' on_train_epoch_end: report them here
-        if trainer.current_epoch > 0:
+        if trainer.current_epoch > self.first_epoch:
             self._summary(trainer, trainer.current_epoch - 1)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -6,6 +6,8 @@ from collections.abc import Callable
 from functools import wraps
 from typing import Any
 
+from transferlab.rundir import is_multirun
+
 log = logging.getLogger(__name__)
 
 
@@ -31,14 +33,11 @@ def exit_on_user_error(main: Callable[..., Any]) -> Callable[..., Any]:
 
     @wraps(main)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-
         try:
             return main(*args, **kwargs)
         except USER_ERRORS as error:
             log.error("%s: %s", type(error).__name__, error)
-            if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            if is_multirun():
                 raise
             if not logging.getLogger().handlers:  # Hydra's job logging is off: nothing showed it
                 print(f"Error: {error}", file=sys.stderr)

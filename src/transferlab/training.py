@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import traceback
 from pathlib import Path
 from typing import Any
@@ -10,16 +11,21 @@ from typing import Any
 import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, ProgressBar
-from lightning.pytorch.loggers import Logger
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from transferlab.config import to_plain, validate_train_config
 from transferlab.data.datamodule import TransferDataModule
+from transferlab.distributed import check_multirun_processes
 from transferlab.finetune.lr_find import find_lr
 from transferlab.models.backbones import preprocessing_for
 from transferlab.models.checkpoints import check_checkpoint_classes, read_checkpoint
 from transferlab.models.classifier import ImageClassifier
-from transferlab.rundir import write_json
+from transferlab.resume import ReseedEachEpoch, start_checkpoint
+from transferlab.rundir import is_multirun, write_json
+from transferlab.speed import apply_speed_options
 
 log = logging.getLogger(__name__)
 
@@ -88,18 +94,29 @@ def _flat_hparams(cfg: DictConfig) -> dict[str, Any]:
     return flat
 
 
+def log_final_hparams(loggers: list[Logger], hparams: dict[str, Any], metrics: dict[str, Any]) -> None:
+    """The run's config with its final metrics: TensorBoard's HPARAMS tab pairs them; other loggers
+    (CSV) take no metrics in log_hyperparams."""
+    scalars = {k: v for k, v in metrics.items() if isinstance(v, int | float) and "/" in k}
+    for logger in loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.log_hyperparams(hparams, metrics=scalars)
+        else:
+            logger.log_hyperparams(hparams)
+
+
 def final_metrics(
     trainer: L.Trainer, model: ImageClassifier, datamodule: TransferDataModule, test: bool
 ) -> dict[str, Any]:
     """Validate (and test) the best checkpoint; the logged values, the confusion matrix, and where it is."""
-    checkpoint = trainer.checkpoint_callback
-    best = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
-    ckpt_path = "best" if best else None
+    # the checkpoint callback that monitors optimized_metric (the other one writes last.ckpt)
+    monitoring = [c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None)]
+    best = monitoring[0].best_model_path if monitoring and monitoring[0].best_model_path else None
     metrics: dict[str, Any] = {}
-    for result in trainer.validate(model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False):
+    for result in trainer.validate(model, datamodule=datamodule, ckpt_path=best, verbose=False):
         metrics.update(result)
     if test and datamodule.has_split("test"):
-        for result in trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False):
+        for result in trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False):
             metrics.update(result)
         metrics["test/confusion_matrix"] = model.test_confusion.tolist()
     elif test:
@@ -111,16 +128,35 @@ def final_metrics(
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Fit, then evaluate the best checkpoint; writes metrics.json to the run directory and returns it."""
-    validate_train_config(cfg)
+    """Fit, then evaluate the best checkpoint; writes metrics.json to the run directory and returns it.
+
+    Any failure, from config validation on, leaves its traceback in error.txt (sweep summaries list it).
+    """
     output_dir = Path(cfg.paths.output_dir)
+    try:
+        return _fit_and_evaluate(cfg, output_dir)
+    except BaseException as error:
+        if rank_zero_only.rank == 0:  # the run directory stays readable: config, logs, checkpoints, the error
+            output_dir.mkdir(parents=True, exist_ok=True)
+            (output_dir / "error.txt").write_text(traceback.format_exc())
+        if isinstance(error, SIGTERMException):  # a SystemExit with status 0, as if the run had succeeded
+            raise SystemExit(128 + signal.SIGTERM) from None
+        raise
+
+
+def _fit_and_evaluate(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
+    validate_train_config(cfg)
+    check_multirun_processes(cfg.trainer, multirun=is_multirun())
+    cfg.ckpt_path = start_checkpoint(cfg.get("ckpt_path"), output_dir)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg.data, cfg.backbone, cfg.seed)
     datamodule.prepare_data()
     datamodule.setup("fit")
     model = build_model(cfg, datamodule)
+    apply_speed_options(model, to_plain(cfg.get("model")))
     loggers = instantiate_group(cfg.get("logger"))
-    trainer = build_trainer(cfg, instantiate_group(cfg.get("callbacks")), loggers)
+    callbacks = [*instantiate_group(cfg.get("callbacks")), ReseedEachEpoch(cfg.seed)]
+    trainer = build_trainer(cfg, callbacks, loggers)
     status = "failed"
     try:
         if cfg.tune.get("lr_find") and not cfg.get("ckpt_path"):
@@ -129,17 +165,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         metrics = final_metrics(trainer, model, datamodule, test=bool(cfg.get("test_after_fit", True)))
         if trainer.is_global_zero:
             write_json(output_dir / "metrics.json", metrics)
-            scalars = {k: v for k, v in metrics.items() if isinstance(v, int | float) and "/" in k}
-            for logger in loggers:
-                logger.log_hyperparams(_flat_hparams(cfg), metrics=scalars)
+            log_final_hparams(loggers, _flat_hparams(cfg), metrics)
         log.info("Run directory: %s", output_dir)
         status = "success"
         return metrics
-    except BaseException:
-        if trainer.is_global_zero:  # the run directory stays readable: config, logs, checkpoints, the error
-            output_dir.mkdir(parents=True, exist_ok=True)
-            (output_dir / "error.txt").write_text(traceback.format_exc())
-        raise
     finally:
         for logger in loggers:
             logger.finalize(status)

@@ -9,10 +9,11 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, RandomSampler
 
 from transferlab.data.datasets import DataSplits, SplitDataset, build_splits, prepare_cifar10
 from transferlab.data.transforms import Preprocessing, eval_transform, train_transform
+from transferlab.distributed import exact_eval_loader
 from transferlab.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,13 @@ class TransferDataModule(L.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=train,
+            # Resumable randomness: the order and the augmentation of an epoch draw from the global RNG,
+            # reseeded when the epoch starts (resume.ReseedEachEpoch), and nothing else may draw from it in
+            # between. Each new iterator draws a worker seed, from the loader's own generator here: Lightning
+            # makes the first epoch's iterator before that epoch starts, later ones after, so a draw from the
+            # global RNG would shift a resumed epoch. (RandomSampler draws on the first batch.)
+            sampler=RandomSampler(dataset) if train else None,
+            generator=torch.Generator().manual_seed(self.seed) if train else None,
             # a last batch of one image breaks batch norm in training mode
             drop_last=train and len(dataset) % self.batch_size == 1,
             num_workers=self.num_workers,
@@ -99,11 +106,12 @@ class TransferDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)
 
+    # under DDP each val/test sample is evaluated exactly once (no padding duplicates): transferlab.distributed
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", train=False)
+        return exact_eval_loader(self._loader("val", train=False), self.trainer)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", train=False)
+        return exact_eval_loader(self._loader("test", train=False), self.trainer)
 
     def split_dataloader(self, name: str) -> DataLoader:
         """Evaluation loader of any split (eval.py)."""

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import TensorBoardLogger
+from torchmetrics import MeanMetric
 
 from transferlab.errors import ConfigError
 from transferlab.finetune.freeze import freeze_plan, resolve_bn_mode, set_batchnorm_modes
@@ -55,6 +56,9 @@ class ImageClassifier(L.LightningModule):
         self.val_metrics = classification_metrics(num_classes)
         self.test_metrics = classification_metrics(num_classes)
         self.test_detail = per_class_metrics(num_classes)
+        # val/test loss as a sample-weighted mean synced in float across DDP ranks; Lightning's own mean
+        # of logged values rounds the averaged sample count to an integer when ranks see uneven splits
+        self.eval_losses = nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
         self.test_split = "test"  # eval.py sets the split name used as metric prefix
         self.test_confusion: torch.Tensor | None = None
         self.stages = backbone_stages(self.backbone, backbone["source"])
@@ -156,6 +160,10 @@ class ImageClassifier(L.LightningModule):
         if stage == "test":
             self.test_detail.update(logits.detach(), targets)
         prefix = self.test_split if stage == "test" else stage
+        if stage in self.eval_losses:
+            self.eval_losses[stage].update(loss.detach(), weight=len(targets))
+            self.log(f"{prefix}/loss", self.eval_losses[stage], on_epoch=True, prog_bar=True)
+            return loss
         self.log(
             f"{prefix}/loss",
             loss,

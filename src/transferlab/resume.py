@@ -1,0 +1,130 @@
+"""Continuing runs: `resume=<run dir>`, SLURM requeues, and data/augmentation randomness that a resume reproduces."""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from transferlab.errors import ConfigError
+from transferlab.rundir import is_slurm_requeue
+
+log = logging.getLogger(__name__)
+
+# What may be given together with resume=: extending the run is the one change that keeps it the same run.
+RESUME_OVERRIDES = ("resume", "trainer.max_epochs")
+
+
+def last_checkpoint(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints" / "last.ckpt"
+
+
+def check_resumable(run_dir: str | Path) -> Path:
+    """The run's last.ckpt; ConfigError naming what is missing otherwise."""
+    run_dir = Path(run_dir)
+    if not (run_dir / ".hydra" / "config.yaml").is_file():
+        raise ConfigError(f"resume={run_dir}: not a run directory (no .hydra/config.yaml)")
+    ckpt = last_checkpoint(run_dir)
+    if not ckpt.is_file():
+        raise ConfigError(
+            f"resume={run_dir}: no checkpoints/last.ckpt (the run ended before its first epoch); start it again"
+        )
+    return ckpt
+
+
+def _override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def check_resume_overrides(run_dir: str | Path, overrides: list[str]) -> None:
+    """Only RESUME_OVERRIDES may come with resume=: anything else would make it another run."""
+    refused = [o for o in overrides if _override_key(o) not in RESUME_OVERRIDES]
+    if refused:
+        raise ConfigError(
+            f"resume={run_dir} continues that run with its saved config; {' '.join(refused)} cannot be "
+            f"changed (only {', '.join(RESUME_OVERRIDES[1:])}). To train with other settings from its "
+            f"weights and optimizer state, start a new run: ckpt_path={last_checkpoint(run_dir)} ..."
+        )
+
+
+def resume_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    """The saved config of `cfg.resume`, continuing from its last.ckpt in its own directory.
+
+    `overrides` are the ones typed on the command line: only RESUME_OVERRIDES are accepted.
+    """
+    run_dir = Path(cfg.resume)
+    ckpt = check_resumable(run_dir)
+    check_resume_overrides(run_dir, overrides)
+    saved = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    with open_dict(saved):
+        saved.resume = str(run_dir)
+        saved.ckpt_path = str(ckpt)
+        saved.paths.output_dir = str(run_dir)
+        if any(_override_key(o) == "trainer.max_epochs" for o in overrides):
+            saved.trainer.max_epochs = cfg.trainer.max_epochs
+    log.info("Resuming %s from %s", run_dir, ckpt)
+    return saved
+
+
+def command_line_overrides() -> list[str]:
+    """The task overrides typed for this Hydra run (empty outside Hydra)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    return list(HydraConfig.get().overrides.task)
+
+
+def checkpoint_step(path: Path) -> int:
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return int(state.get("global_step", 0))
+
+
+def requeued_checkpoint(output_dir: str | Path) -> Path | None:
+    """After a SLURM requeue: the run's most advanced checkpoint, Lightning's hpc_ckpt_N.ckpt (saved at the
+    requeue signal) or our last.ckpt (end of an epoch), whichever has more steps (last.ckpt on a tie:
+    it ends an epoch, so the data order stays exact). None when this is not a requeued SLURM job."""
+    if not is_slurm_requeue():
+        return None
+    output_dir = Path(output_dir)
+    candidates = [last_checkpoint(output_dir), *output_dir.glob("hpc_ckpt_*.ckpt")]
+    found = [path for path in candidates if path.is_file()]
+    if not found:
+        return None
+    return max(found, key=lambda path: (checkpoint_step(path), path.name == "last.ckpt"))
+
+
+def start_checkpoint(ckpt_path: str | None, output_dir: str | Path) -> str | None:
+    """What fit() starts from: after a SLURM requeue, the job's own most advanced checkpoint (its progress
+    supersedes the ckpt_path or resume= it was started with); otherwise ckpt_path."""
+    requeued = requeued_checkpoint(output_dir)
+    if requeued is None:
+        return ckpt_path
+    log.info("SLURM requeued this job: continuing from %s", requeued)
+    return str(requeued)
+
+
+class ReseedEachEpoch(Callback):
+    """Seed every RNG from (seed, epoch, rank) when a training epoch starts.
+
+    The epoch's shuffling (the loader's sampler draws its seed from torch's RNG when the epoch's
+    iterator is made, after this hook), augmentation and dropout then depend only on the epoch,
+    so a run resumed from a checkpoint sees the same data as an uninterrupted one. Exact with
+    data.num_workers=0; persistent workers keep their own RNG state, which a resume restarts.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = int(seed)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        entropy = [self.seed, trainer.current_epoch, trainer.global_rank]
+        seed = int(np.random.SeedSequence(entropy).generate_state(1)[0])
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)  # also every CUDA device

@@ -1,0 +1,1 @@
+"""Sweep tools: `python -m transferlab.sweep.summary <multirun dir>`."""

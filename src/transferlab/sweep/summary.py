@@ -1,0 +1,172 @@
+"""Table of a sweep: `python -m transferlab.sweep.summary outputs/multirun/<sweep> [--metric val/acc] [--out DIR]`.
+
+One row per job directory (a folder with .hydra/): its overrides, its status (ok: metrics.json,
+failed: error.txt, unfinished: neither, still running or killed), its final metrics. Sorted by the sweep's optimized metric,
+best first; failed and unfinished jobs last. Writes summary.csv and summary.md, prints the Markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+METRIC_COLUMNS = ("val/acc", "val/f1", "val/loss", "test/acc", "test/f1", "test/loss")
+
+
+@dataclass
+class Job:
+    name: str
+    overrides: list[str]
+    status: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+    error: str = ""
+    optimized_metric: str | None = None
+    optimized_mode: str = "max"
+
+
+def _read_yaml(path: Path) -> Any:
+    return yaml.safe_load(path.read_text()) if path.is_file() else None
+
+
+def _last_error_line(path: Path) -> str:
+    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    return lines[-1] if lines else "failed"
+
+
+def read_job(job_dir: Path) -> Job:
+    config = _read_yaml(job_dir / ".hydra" / "config.yaml") or {}
+    overrides = _read_yaml(job_dir / ".hydra" / "overrides.yaml") or []
+    metrics_file, error_file = job_dir / "metrics.json", job_dir / "error.txt"
+    if metrics_file.is_file():
+        status, metrics, error = "ok", json.loads(metrics_file.read_text()), ""
+    elif error_file.is_file():
+        status, metrics, error = "failed", {}, _last_error_line(error_file)
+    else:
+        status, metrics, error = "unfinished", {}, ""
+    return Job(
+        name=job_dir.name,
+        overrides=[str(o) for o in overrides],
+        status=status,
+        metrics=metrics,
+        error=error,
+        optimized_metric=config.get("optimized_metric"),
+        optimized_mode=str(config.get("optimized_mode", "max")),
+    )
+
+
+def find_jobs(sweep_dir: Path) -> list[Job]:
+    """Job directories are the sweep's subfolders with a .hydra/ folder (Hydra numbers them 0, 1, ...)."""
+    dirs = [d for d in sweep_dir.iterdir() if (d / ".hydra").is_dir()]
+    dirs.sort(key=lambda d: (not d.name.isdigit(), int(d.name) if d.name.isdigit() else 0, d.name))
+    return [read_job(d) for d in dirs]
+
+
+def _score(job: Job, metric: str, maximize: bool) -> float:
+    value = job.metrics.get(metric)
+    if job.status != "ok" or not isinstance(value, int | float) or math.isnan(value):
+        return math.inf
+    return -value if maximize else value
+
+
+def common_overrides(jobs: list[Job]) -> list[str]:
+    """The overrides every job of the sweep has (what was typed besides the swept values)."""
+    if len(jobs) < 2:
+        return []
+    shared = set.intersection(*(set(job.overrides) for job in jobs))
+    return [o for o in jobs[0].overrides if o in shared]
+
+
+def summary_rows(jobs: list[Job], metric: str, maximize: bool = True) -> list[dict[str, Any]]:
+    """One dict per job, best first by `metric`; jobs without it (failed, unfinished) last. The overrides
+    column shows what tells the jobs apart (common_overrides left out)."""
+    columns = [metric, *[c for c in METRIC_COLUMNS if c != metric]]
+    common = set(common_overrides(jobs))
+    rows = []
+    for job in sorted(jobs, key=lambda j: _score(j, metric, maximize)):
+        swept = " ".join(o for o in job.overrides if o not in common)
+        row: dict[str, Any] = {"job": job.name, "status": job.status, "overrides": swept}
+        for column in columns:
+            value = job.metrics.get(column)
+            row[column] = f"{value:.4f}" if isinstance(value, int | float) else ""
+        row["epochs"] = job.metrics.get("epochs_trained", "")
+        row["error"] = job.error
+        rows.append(row)
+    return rows
+
+
+def to_markdown(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "(no jobs)\n"
+    headers = list(rows[0])
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for row in rows:
+        cells = [str(row[h]).replace("|", "\\|") for h in headers]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _default_mode(metric: str, job: Job) -> str:
+    """The sweep's optimized_mode for its optimized metric; for another metric, min for losses, else max."""
+    if metric == job.optimized_metric:
+        return job.optimized_mode
+    return "min" if "loss" in metric else "max"
+
+
+def write_summary(
+    sweep_dir: Path, metric: str | None = None, out: Path | None = None, mode: str | None = None
+) -> str:
+    """Write summary.csv and summary.md into `out` (default: the sweep directory); return the Markdown."""
+    if not sweep_dir.is_dir():
+        raise SystemExit(f"Error: {sweep_dir}: no such sweep directory")
+    jobs = find_jobs(sweep_dir)
+    if not jobs:
+        raise SystemExit(f"Error: {sweep_dir} holds no job directories (folders with .hydra/)")
+    first = next((j for j in jobs if j.optimized_metric), jobs[0])
+    metric = metric or first.optimized_metric or "val/acc"
+    mode = mode or _default_mode(metric, first)
+    rows = summary_rows(jobs, metric, maximize=mode == "max")
+    out = out or sweep_dir
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "summary.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    markdown = _heading(jobs, metric, mode) + "\n" + to_markdown(rows)
+    (out / "summary.md").write_text(markdown)
+    return markdown
+
+
+def _heading(jobs: list[Job], metric: str, mode: str) -> str:
+    counts = {status: sum(job.status == status for job in jobs) for status in ("ok", "failed", "unfinished")}
+    lines = [
+        f"{len(jobs)} jobs ({', '.join(f'{n} {status}' for status, n in counts.items())}), "
+        f"best {metric} ({mode}) first."
+    ]
+    if common := common_overrides(jobs):
+        lines.append(f"Every job had: {' '.join(common)}")
+    return "".join(line + "\n" for line in lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "sweep_dir", type=Path, help="a multirun directory, e.g. outputs/multirun/<time>_<id>"
+    )
+    parser.add_argument("--metric", help="sort by this metric (default: the sweep's optimized_metric)")
+    parser.add_argument(
+        "--mode", choices=("max", "min"), help="better direction of --metric (default: guessed)"
+    )
+    parser.add_argument("--out", type=Path, help="where summary.csv and summary.md go (default: sweep_dir)")
+    args = parser.parse_args(argv)
+    print(write_summary(args.sweep_dir, args.metric, args.out, args.mode), end="")
+
+
+if __name__ == "__main__":
+    main()
