@@ -139,9 +139,11 @@ def _start_cli(*overrides: str, env: dict[str, str] | None = None) -> subprocess
 
 # two epochs of 4 batches; the head trains alone in epoch 0, the backbone joins in epoch 1
 RESUME_RUN = [
-    *(o for o in FAST if not o.startswith("trainer.limit_train_batches")),
+    *(o for o in FAST if not o.startswith("trainer.limit_")),
     "trainer.max_epochs=2",
     "trainer.limit_train_batches=4",
+    "trainer.limit_val_batches=1",
+    "trainer.limit_test_batches=1",
     "freeze=gradual",
     "freeze.milestones=[1]",
     "trainer.num_sanity_val_steps=0",
