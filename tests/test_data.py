@@ -87,7 +87,7 @@ def test_imagefolder_errors_name_the_path(tmp_path):
         build_splits({"name": "imagefolder", "root": str(tmp_path / "empty")})
     write_image_folder(tmp_path / "noval", {"train": {"a": 3, "b": 3}})
     (tmp_path / "noval" / "val" / "a").mkdir(parents=True)
-    with pytest.raises(DataError, match="noval/val holds no images"):
+    with pytest.raises(DataError, match="noval/val holds no usable images"):
         build_splits({"name": "imagefolder", "root": str(tmp_path / "noval")})
     write_image_folder(tmp_path / "gap", {"train": {"a": 3, "b": 3}, "test": {"a": 2}})
     with pytest.raises(DataError, match=r"class\(es\) b have no images in the test split of .*gap"):

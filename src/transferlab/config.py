@@ -8,7 +8,8 @@ from typing import Any
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
-from transferlab.data.datasets import DATASETS
+from transferlab.data.datasets import DATASETS, EMPTY_CLASS_POLICIES
+from transferlab.data.scan import SCAN_MODES
 from transferlab.errors import ConfigError
 from transferlab.finetune.freeze import check_freeze
 from transferlab.finetune.optim import SCHEDULERS
@@ -46,6 +47,22 @@ def validate_data(data: DictConfig) -> None:
     _positive(data.get("batch_size"), "data.batch_size", allow_none=False)
     _positive(data.get("shots"), "data.shots")
     _positive(data.get("image_size"), "data.image_size")
+    _positive(data.get("max_image_pixels"), "data.max_image_pixels")
+    _choice(data.get("scan") or "fast", "data.scan", SCAN_MODES)
+    _choice(data.get("empty_classes") or "error", "data.empty_classes", EMPTY_CLASS_POLICIES)
+    if not isinstance(data.get("skip_bad") or False, bool):
+        raise ConfigError(f"data.skip_bad={data.get('skip_bad')!r} must be true or false")
+    val, test = data.get("val_fraction"), data.get("test_fraction") or 0.0
+    if val is not None and (not 0 < val < 1 or not 0 <= test < 1 or val + test >= 1):
+        raise ConfigError(
+            f"data.val_fraction={val} and data.test_fraction={test}: each must be in [0, 1) (val > 0), "
+            "their sum below 1"
+        )
+
+
+def _choice(value: Any, key: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(choices)}")
 
 
 def validate_train_config(cfg: DictConfig) -> None:

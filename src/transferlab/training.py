@@ -104,9 +104,25 @@ def final_metrics(
     elif test:
         log.warning("The data has no test split: reporting validation metrics only.")
     metrics.update(
-        {"best_ckpt": best, "epochs_trained": trainer.current_epoch, "class_names": datamodule.class_names}
+        {
+            "best_ckpt": best,
+            "epochs_trained": trainer.current_epoch,
+            "class_names": datamodule.class_names,
+            "class_counts": datamodule.class_counts(),
+        }
     )
     return metrics
+
+
+def log_class_counts(loggers: list[Logger], counts: dict[str, dict[str, int]]) -> None:
+    """Images per class and split as scalars at step 0 (`data/train_count/<class>`), so imbalance shows."""
+    values = {
+        f"data/{split}_count/{name}": n
+        for split, per_class in counts.items()
+        for name, n in per_class.items()
+    }
+    for logger in loggers:
+        logger.log_metrics(values, step=0)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -122,6 +138,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer = build_trainer(cfg, instantiate_group(cfg.get("callbacks")), loggers)
     status = "failed"
     try:
+        if trainer.is_global_zero:
+            datamodule.write_run_files(output_dir)
+            log_class_counts(loggers, datamodule.class_counts())
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
         metrics = final_metrics(trainer, model, datamodule, test=bool(cfg.get("test_after_fit", True)))
         if trainer.is_global_zero:

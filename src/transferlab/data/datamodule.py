@@ -1,36 +1,45 @@
-"""The LightningDataModule: splits from `datasets.py`, transforms from the backbone's preprocessing."""
+"""The LightningDataModule: splits from `datasets.py`, transforms from the backbone's preprocessing, and
+the files a run keeps about its data."""
 
 from __future__ import annotations
 
 import logging
-import os
-from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from transferlab.data.datasets import DataSplits, SplitDataset, build_splits, prepare_cifar10
+from transferlab.data.datasets import DataSplits, Split, SplitDataset, build_splits, prepare_cifar10
+from transferlab.data.scan import usable_cpu_count
 from transferlab.data.transforms import Preprocessing, eval_transform, train_transform
 from transferlab.errors import ConfigError
+from transferlab.rundir import write_json
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 
 
-def resolve_num_workers(value: Any) -> int:
-    """`auto`: one worker per core but one, at most 8."""
+def resolve_num_workers(value: Any, processes: int = 1) -> int:
+    """`auto`: the usable CPUs shared among this node's training processes, one left for the process
+    itself, at most 8 per process."""
     if value == "auto":
-        return max(0, min(8, (os.cpu_count() or 1) - 1))
-    if not isinstance(value, int) or value < 0:
+        return max(0, min(8, usable_cpu_count() // max(1, processes) - 1))
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise ConfigError(f"data.num_workers={value!r} must be 'auto' or an integer >= 0")
     return value
 
 
 class TransferDataModule(L.LightningDataModule):
-    def __init__(self, data: dict[str, Any], preprocessing: Preprocessing, seed: int = 0) -> None:
+    def __init__(
+        self,
+        data: dict[str, Any],
+        preprocessing: Preprocessing,
+        seed: int = 0,
+    ) -> None:
         super().__init__()
         self.cfg, self.preprocessing, self.seed = data, preprocessing, seed
         # stored in our checkpoints (plain types): eval.py rebuilds the same data from them
@@ -38,7 +47,7 @@ class TransferDataModule(L.LightningDataModule):
         self.batch_size = int(data.get("batch_size", 32))
         if self.batch_size < 1:
             raise ConfigError(f"data.batch_size={self.batch_size} must be >= 1")
-        self.num_workers = resolve_num_workers(data.get("num_workers", "auto"))
+        resolve_num_workers(data.get("num_workers", "auto"))  # fail early on a bad value
         self.splits: DataSplits | None = None
 
     @property
@@ -58,22 +67,79 @@ class TransferDataModule(L.LightningDataModule):
         if self.splits is not None:
             return
         self.splits = build_splits(self.cfg, seed=self.seed)
-        for name in SPLITS:
-            split = getattr(self.splits, name)
-            if split is not None:
-                counts = Counter(split.labels().tolist())
-                per_class = ", ".join(f"{c}={counts[i]}" for i, c in enumerate(self.splits.class_names))
-                log.info("%s: %d images (%s)", name, len(split), per_class)
+        for name, counts in self.class_counts().items():
+            per_class = ", ".join(f"{c}={n}" for c, n in counts.items())
+            log.info("%s: %d images (%s)", name, sum(counts.values()), per_class)
 
     def has_split(self, name: str) -> bool:
         self.setup()
         return getattr(self.splits, name) is not None
 
-    def _loader(self, name: str, train: bool) -> DataLoader:
+    def _split(self, name: str) -> Split:
         self.setup()
         split = getattr(self.splits, name)
         if split is None:
             raise ConfigError(f"the dataset has no {name} split")
+        return split
+
+    def class_counts(self) -> dict[str, dict[str, int]]:
+        """Images per class in each split: {split: {class name: count}}."""
+        self.setup()
+        counts = {}
+        for name in SPLITS:
+            split = getattr(self.splits, name)
+            if split is not None:
+                per_class = np.bincount(split.labels(), minlength=len(self.splits.class_names))
+                counts[name] = dict(zip(self.splits.class_names, per_class.tolist(), strict=True))
+        return counts
+
+    def write_run_files(self, run_dir: str | Path) -> None:
+        """splits/<split>.txt and splits/summary.json (what each split holds, to audit or rebuild it),
+        and bad_files.txt when bad files were skipped. Rank 0 only: the files are the same on every rank."""
+        self.setup()
+        folder = Path(run_dir) / "splits"
+        folder.mkdir(parents=True, exist_ok=True)
+        names = self.splits.class_names
+        sources = {}
+        for name in SPLITS:
+            split = getattr(self.splits, name)
+            if split is None:
+                continue
+            lines = [
+                f"{split.source.key(i)}\t{names[label]}\n"
+                for i, label in zip(split.indices, split.labels(), strict=True)
+            ]
+            (folder / f"{name}.txt").write_text("".join(lines))
+            sources[name] = getattr(split.source, "name", self.splits.origin)
+        write_json(
+            folder / "summary.json",
+            {
+                "origin": self.splits.origin,
+                "format": "<split>.txt: one image per line, '<key>\\t<class>'; the key is the path relative "
+                "to the data root for image folders, else the index in the source",
+                "sources": sources,
+                "class_names": names,
+                "counts": self.class_counts(),
+                "split_seed": self.cfg.get("split_seed"),
+            },
+        )
+        if self.splits.skipped:
+            lines = [f"{f.path}\t{f.problem}\n" for f in self.splits.skipped]
+            (Path(run_dir) / "bad_files.txt").write_text("".join(lines))
+
+    def _pin_memory(self) -> bool:
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            return trainer.strategy.root_device.type == "cuda"
+        return torch.cuda.is_available()
+
+    def _num_workers(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        processes = trainer.num_devices if trainer is not None else 1
+        return resolve_num_workers(self.cfg.get("num_workers", "auto"), processes)
+
+    def _loader(self, name: str, train: bool) -> DataLoader:
+        split = self._split(name)
         augment = self.cfg.get("augment") or {}
         transform = (
             train_transform(
@@ -85,15 +151,16 @@ class TransferDataModule(L.LightningDataModule):
             else eval_transform(self.preprocessing)
         )
         dataset = SplitDataset(split, transform)
+        workers = self._num_workers()
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             shuffle=train,
             # a last batch of one image breaks batch norm in training mode
             drop_last=train and len(dataset) % self.batch_size == 1,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=self._pin_memory(),
         )
 
     def train_dataloader(self) -> DataLoader:
