@@ -8,6 +8,7 @@ from typing import Any
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
+from transferlab.data.augment import check_augment
 from transferlab.data.datasets import DATASETS, EMPTY_CLASS_POLICIES
 from transferlab.data.scan import SCAN_MODES
 from transferlab.errors import ConfigError
@@ -58,6 +59,9 @@ def validate_data(data: DictConfig) -> None:
             f"data.val_fraction={val} and data.test_fraction={test}: each must be in [0, 1) (val > 0), "
             "their sum below 1"
         )
+    crop = data.get("min_crop_scale")
+    if crop is not None and not 0 < crop <= 1:
+        raise ConfigError(f"data.min_crop_scale={crop} must be in (0, 1]")
 
 
 def _choice(value: Any, key: str, choices: tuple[str, ...]) -> None:
@@ -82,6 +86,7 @@ def validate_train_config(cfg: DictConfig) -> None:
         )
     check_freeze(cfg.freeze.get("name"), cfg.freeze.get("bn", "train"))
     validate_data(cfg.data)
+    check_augment(to_plain(cfg.augment))
     smoothing = cfg.loss.get("label_smoothing", 0.0)
     if not 0.0 <= smoothing < 1.0:
         raise ConfigError(f"loss.label_smoothing={smoothing} must be in [0, 1)")

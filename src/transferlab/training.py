@@ -23,7 +23,9 @@ from transferlab.rundir import write_json
 log = logging.getLogger(__name__)
 
 
-def build_datamodule(data: DictConfig, backbone: DictConfig, seed: int) -> TransferDataModule:
+def build_datamodule(
+    data: DictConfig, backbone: DictConfig, seed: int, augment: DictConfig | None = None
+) -> TransferDataModule:
     """Preprocessing follows the backbone's weights, then `data.image_size/mean/std/interpolation`."""
     preprocessing = preprocessing_for(backbone.source, backbone.name, backbone.get("weights")).with_overrides(
         image_size=data.get("image_size"),
@@ -32,7 +34,7 @@ def build_datamodule(data: DictConfig, backbone: DictConfig, seed: int) -> Trans
         interpolation=data.get("interpolation"),
     )
     log.info("Preprocessing: %s", preprocessing)
-    return TransferDataModule(to_plain(data), preprocessing, seed=seed)
+    return TransferDataModule(to_plain(data), preprocessing, seed=seed, augment=to_plain(augment))
 
 
 def build_model(cfg: DictConfig, datamodule: TransferDataModule) -> ImageClassifier:
@@ -130,7 +132,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     validate_train_config(cfg)
     output_dir = Path(cfg.paths.output_dir)
     L.seed_everything(cfg.seed, workers=True)
-    datamodule = build_datamodule(cfg.data, cfg.backbone, cfg.seed)
+    datamodule = build_datamodule(cfg.data, cfg.backbone, cfg.seed, cfg.augment)
     datamodule.prepare_data()
     datamodule.setup("fit")
     model = build_model(cfg, datamodule)

@@ -1,5 +1,5 @@
-"""The LightningDataModule: splits from `datasets.py`, transforms from the backbone's preprocessing, and
-the files a run keeps about its data."""
+"""The LightningDataModule: splits from `datasets.py`, transforms from the backbone's preprocessing and
+the `augment` preset, and the files a run keeps about its data."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from transferlab.data.augment import MixingCollate, batch_mixer, train_transform
 from transferlab.data.datasets import DataSplits, Split, SplitDataset, build_splits, prepare_cifar10
 from transferlab.data.scan import usable_cpu_count
-from transferlab.data.transforms import Preprocessing, eval_transform, train_transform
+from transferlab.data.transforms import Preprocessing, eval_transform
 from transferlab.errors import ConfigError
 from transferlab.rundir import write_json
 
@@ -39,11 +40,14 @@ class TransferDataModule(L.LightningDataModule):
         data: dict[str, Any],
         preprocessing: Preprocessing,
         seed: int = 0,
+        augment: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        self.cfg, self.preprocessing, self.seed = data, preprocessing, seed
+        self.cfg, self.preprocessing, self.seed, self.augment = data, preprocessing, seed, augment
         # stored in our checkpoints (plain types): eval.py rebuilds the same data from them
-        self.save_hyperparameters({"data": data, "preprocessing": preprocessing.to_dict(), "seed": seed})
+        self.save_hyperparameters(
+            {"data": data, "preprocessing": preprocessing.to_dict(), "seed": seed, "augment": augment}
+        )
         self.batch_size = int(data.get("batch_size", 32))
         if self.batch_size < 1:
             raise ConfigError(f"data.batch_size={self.batch_size} must be >= 1")
@@ -140,17 +144,19 @@ class TransferDataModule(L.LightningDataModule):
 
     def _loader(self, name: str, train: bool) -> DataLoader:
         split = self._split(name)
-        augment = self.cfg.get("augment") or {}
-        transform = (
-            train_transform(
+        if train:
+            transform = train_transform(
                 self.preprocessing,
-                tuple(augment.get("crop_scale", (0.5, 1.0))),
-                bool(augment.get("hflip", True)),
+                self.augment,
+                allow_hflip=bool(self.cfg.get("allow_hflip", True)),
+                min_crop_scale=self.cfg.get("min_crop_scale"),
             )
-            if train
-            else eval_transform(self.preprocessing)
-        )
+        else:
+            transform = eval_transform(self.preprocessing)
         dataset = SplitDataset(split, transform)
+        mixer = batch_mixer(self.augment, self.num_classes) if train else None
+        if mixer is not None:
+            log.info("mixup/cutmix: training targets are soft, so train accuracy and F1 are not computed")
         workers = self._num_workers()
         return DataLoader(
             dataset,
@@ -161,6 +167,7 @@ class TransferDataModule(L.LightningDataModule):
             num_workers=workers,
             persistent_workers=workers > 0,
             pin_memory=self._pin_memory(),
+            collate_fn=MixingCollate(mixer) if mixer is not None else None,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -84,7 +84,8 @@ class ImageClassifier(L.LightningModule):
         images, targets = batch
         logits = self(images)
         loss = self.criterion(logits, targets)
-        metrics.update(logits.detach(), targets)
+        if targets.dim() == 1:  # mixup/cutmix batches have soft targets: no accuracy against them
+            metrics.update(logits.detach(), targets)
         if stage == "test":
             self.test_detail.update(logits.detach(), targets)
         prefix = self.test_split if stage == "test" else stage
@@ -110,6 +111,8 @@ class ImageClassifier(L.LightningModule):
 
     def _log_epoch_metrics(self, metrics, prefix: str) -> None:
         # compute() over the whole epoch (synced across processes): exact macro metrics, not batch means
+        if all(metric.update_count == 0 for metric in metrics.values()):
+            return  # an epoch of mixed batches only (mixup/cutmix): train metrics are not computed
         values = metrics.compute()
         self.log_dict({f"{prefix}/{k}": v for k, v in values.items()}, prog_bar=False)
         metrics.reset()
