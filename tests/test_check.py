@@ -44,6 +44,8 @@ def test_in_memory_data_and_bad_options(capsys):
     assert "Splits as training would use them (10 classes)" in out and "OK" in out
     assert main(["data=imagefolder"]) == 1  # data.root missing
     assert "data.root" in capsys.readouterr().out
+    assert main(["data=digits", "data.imbalance=oversample"]) == 1
+    assert "data.imbalance='oversample' is not valid; choose one of" in capsys.readouterr().out
 
 
 def test_runs_as_a_module_with_the_exit_status(tmp_path):

@@ -10,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from transferlab.data.augment import check_augment
 from transferlab.data.datasets import DATASETS, EMPTY_CLASS_POLICIES
+from transferlab.data.imbalance import check_imbalance
 from transferlab.data.scan import SCAN_MODES
 from transferlab.errors import ConfigError
 from transferlab.finetune.freeze import check_freeze
@@ -49,6 +50,7 @@ def validate_data(data: DictConfig) -> None:
     _positive(data.get("shots"), "data.shots")
     _positive(data.get("image_size"), "data.image_size")
     _positive(data.get("max_image_pixels"), "data.max_image_pixels")
+    check_imbalance(data.get("imbalance") or "none")
     _choice(data.get("scan") or "fast", "data.scan", SCAN_MODES)
     _choice(data.get("empty_classes") or "error", "data.empty_classes", EMPTY_CLASS_POLICIES)
     if not isinstance(data.get("skip_bad") or False, bool):
@@ -90,5 +92,7 @@ def validate_train_config(cfg: DictConfig) -> None:
     smoothing = cfg.loss.get("label_smoothing", 0.0)
     if not 0.0 <= smoothing < 1.0:
         raise ConfigError(f"loss.label_smoothing={smoothing} must be in [0, 1)")
+    if cfg.loss.get("focal_gamma", 2.0) < 0:
+        raise ConfigError(f"loss.focal_gamma={cfg.loss.focal_gamma} must be >= 0")
     if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
         raise ConfigError(f"ckpt_path={cfg.ckpt_path}: no such file")

@@ -37,6 +37,17 @@ def build_datamodule(
     return TransferDataModule(to_plain(data), preprocessing, seed=seed, augment=to_plain(augment))
 
 
+def loss_config(cfg: DictConfig, datamodule: TransferDataModule) -> dict[str, Any]:
+    """`loss.*` plus what `data.imbalance` asks of the loss: class weights from the training counts, or
+    the focal loss. (`sampler` changes what the loader draws, not the loss.)"""
+    imbalance = cfg.data.get("imbalance") or "none"
+    return {
+        **to_plain(cfg.loss),
+        "name": "focal" if imbalance == "focal" else "cross_entropy",
+        "class_weights": datamodule.class_weights() if imbalance == "class_weights" else None,
+    }
+
+
 def build_model(cfg: DictConfig, datamodule: TransferDataModule) -> ImageClassifier:
     """A classifier whose head matches the data's classes; pretrained weights loaded unless resuming."""
     model = ImageClassifier(
@@ -48,7 +59,7 @@ def build_model(cfg: DictConfig, datamodule: TransferDataModule) -> ImageClassif
         scheduler=to_plain(cfg.scheduler),
         freeze=to_plain(cfg.freeze),
         preprocessing=datamodule.preprocessing.to_dict(),
-        loss=to_plain(cfg.loss),
+        loss=loss_config(cfg, datamodule),
     )
     if cfg.get("ckpt_path"):
         check_checkpoint_classes(read_checkpoint(cfg.ckpt_path), cfg.ckpt_path, datamodule.class_names)

@@ -1,5 +1,5 @@
 """The LightningDataModule: splits from `datasets.py`, transforms from the backbone's preprocessing and
-the `augment` preset, and the files a run keeps about its data."""
+the `augment` preset, class imbalance handling, and the files a run keeps about its data."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 
 from transferlab.data.augment import MixingCollate, batch_mixer, train_transform
 from transferlab.data.datasets import DataSplits, Split, SplitDataset, build_splits, prepare_cifar10
+from transferlab.data.imbalance import balanced_sampler, check_imbalance, class_weights
 from transferlab.data.scan import usable_cpu_count
 from transferlab.data.transforms import Preprocessing, eval_transform
 from transferlab.errors import ConfigError
@@ -52,6 +53,8 @@ class TransferDataModule(L.LightningDataModule):
         if self.batch_size < 1:
             raise ConfigError(f"data.batch_size={self.batch_size} must be >= 1")
         resolve_num_workers(data.get("num_workers", "auto"))  # fail early on a bad value
+        self.imbalance = str(data.get("imbalance") or "none")
+        check_imbalance(self.imbalance)
         self.splits: DataSplits | None = None
 
     @property
@@ -96,6 +99,10 @@ class TransferDataModule(L.LightningDataModule):
                 per_class = np.bincount(split.labels(), minlength=len(self.splits.class_names))
                 counts[name] = dict(zip(self.splits.class_names, per_class.tolist(), strict=True))
         return counts
+
+    def class_weights(self) -> list[float]:
+        """Loss weights N / (K * n_c) from the training counts (`data.imbalance=class_weights`)."""
+        return class_weights(list(self.class_counts()["train"].values()))
 
     def write_run_files(self, run_dir: str | Path) -> None:
         """splits/<split>.txt and splits/summary.json (what each split holds, to audit or rebuild it),
@@ -154,6 +161,11 @@ class TransferDataModule(L.LightningDataModule):
         else:
             transform = eval_transform(self.preprocessing)
         dataset = SplitDataset(split, transform)
+        sampler = (
+            balanced_sampler(split.labels(), self.num_classes)
+            if train and self.imbalance == "sampler"
+            else None
+        )
         mixer = batch_mixer(self.augment, self.num_classes) if train else None
         if mixer is not None:
             log.info("mixup/cutmix: training targets are soft, so train accuracy and F1 are not computed")
@@ -161,7 +173,8 @@ class TransferDataModule(L.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=train,
+            shuffle=train and sampler is None,
+            sampler=sampler,
             # a last batch of one image breaks batch norm in training mode
             drop_last=train and len(dataset) % self.batch_size == 1,
             num_workers=workers,

@@ -2,8 +2,9 @@
 
 Each builder returns the class names and, per split, a source (images + labels) with the
 indices that belong to the split. `build_splits` then keeps the chosen classes (`data.classes`),
-remaps their labels to 0..K-1, keeps N training images per class (`data.shots`) and checks that
-every split holds every class. Image folders are scanned first (`scan.py`); bad files stop the build here, before training,
+remaps their labels to 0..K-1, keeps N training images per class (`data.shots`), cuts classes to a
+fraction of their training images (`data.class_fraction`) and checks that every split holds every
+class. Image folders are scanned first (`scan.py`); bad files stop the build here, before training,
 unless `data.skip_bad=true`.
 """
 
@@ -366,6 +367,27 @@ def _few_shot(split: Split, shots: int, seed: int, class_names: list[str]) -> Sp
     return Split(split.source, sorted(kept), split.label_map)
 
 
+def _cut_classes(
+    split: Split, fractions: dict[Any, float], raw_names: list[str], label_map: dict[int, int], seed: int
+) -> Split:
+    """`data.class_fraction`: keep a fraction (at least one) of some classes' training images, chosen by `seed`."""
+    labels = split.labels()
+    rng = np.random.default_rng(seed)
+    dropped: set[int] = set()
+    for item, fraction in fractions.items():
+        source_id = _class_id(item, raw_names, "data.class_fraction")
+        if source_id not in label_map:
+            raise ConfigError(f"data.class_fraction: class {item!r} is not among the kept data.classes")
+        if not 0 < float(fraction) <= 1:
+            raise ConfigError(f"data.class_fraction: {item!r}: {fraction} must be in (0, 1]")
+        members = np.flatnonzero(labels == label_map[source_id])
+        keep = max(1, round(len(members) * float(fraction)))
+        dropped |= {split.indices[j] for j in members} - {
+            split.indices[j] for j in rng.choice(members, size=keep, replace=False)
+        }
+    return Split(split.source, [i for i in split.indices if i not in dropped], split.label_map)
+
+
 def _check_coverage(split: Split | None, split_name: str, class_names: list[str], origin: str) -> None:
     if split is None:
         return
@@ -380,8 +402,8 @@ def _check_coverage(split: Split | None, split_name: str, class_names: list[str]
 
 
 def build_splits(cfg: dict[str, Any], seed: int = 0, scan: FolderScan | None = None) -> DataSplits:
-    """Build the configured dataset's splits, keep `data.classes`, sample `data.shots`, and check them.
-    `scan`: an image folder's scan when the caller already has it."""
+    """Build the configured dataset's splits, keep `data.classes`, sample `data.shots`, cut classes to
+    `data.class_fraction`, and check them. `scan`: an image folder's scan when the caller already has it."""
     name = cfg.get("name")
     if name not in DATASETS:
         raise ConfigError(f"data.name={name!r} is not valid; choose one of: {', '.join(DATASETS)}")
@@ -395,6 +417,10 @@ def build_splits(cfg: dict[str, Any], seed: int = 0, scan: FolderScan | None = N
         shots_seed = cfg.get("shots_seed")
         train = _few_shot(
             train, int(cfg["shots"]), int(seed if shots_seed is None else shots_seed), class_names
+        )
+    if cfg.get("class_fraction"):  # the data stays fixed across run seeds: the cut follows split_seed
+        train = _cut_classes(
+            train, cfg["class_fraction"], raw.class_names, label_map, int(cfg.get("split_seed", 0))
         )
     for split, split_name in ((train, "train"), (val, "val"), (test, "test")):
         _check_coverage(split, split_name, class_names, raw.origin)

@@ -1,4 +1,4 @@
-"""The LightningModule: a backbone, a new head, cross-entropy, torchmetrics and the optimizer setup."""
+"""The LightningModule: a backbone, a new head, the loss (`losses.py`), torchmetrics and the optimizer setup."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn as nn
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -15,6 +14,7 @@ from transferlab.errors import ConfigError
 from transferlab.finetune.freeze import apply_freeze, check_freeze, set_batchnorm_modes
 from transferlab.finetune.optim import build_optimizer, build_scheduler
 from transferlab.models.backbones import Backbone, build_backbone
+from transferlab.models.losses import ClassificationLoss
 from transferlab.models.metrics import classification_metrics, per_class_metrics
 from transferlab.models.weights import load_pretrained
 
@@ -47,7 +47,7 @@ class ImageClassifier(L.LightningModule):
         self._classifier_prefix = built.classifier_prefix
         self.num_features = built.num_features
         self.head = instantiate(head, in_features=built.num_features, num_classes=num_classes)
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=(loss or {}).get("label_smoothing", 0.0))
+        self.criterion = ClassificationLoss.from_config(loss or {})
         self.train_metrics = classification_metrics(num_classes)
         self.val_metrics = classification_metrics(num_classes)
         self.test_metrics = classification_metrics(num_classes)
