@@ -21,6 +21,9 @@ demo: install
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+bench: install
+	$(BIN)/python benchmarks/scan_folder.py
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .

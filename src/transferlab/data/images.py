@@ -84,10 +84,11 @@ class ImageCheck:
     problem: str | None = None
 
 
-def _jpeg_ends_cleanly(path: Path) -> bool:
-    with open(path, "rb") as f:
-        f.seek(max(0, os.path.getsize(path) - 64))
-        return _JPEG_END in f.read()
+def _jpeg_ends_cleanly(image: Image.Image) -> bool:
+    """Read the last bytes through the already open file: no second open."""
+    image.fp.seek(0, os.SEEK_END)
+    image.fp.seek(max(0, image.fp.tell() - 64))
+    return _JPEG_END in image.fp.read()
 
 
 def _decode_fully(path: Path) -> None:
@@ -106,21 +107,23 @@ def check_image(path: Path, full: bool = False, max_pixels: int = PIL_MAX_PIXELS
     """
     set_pixel_limit(max_pixels)
     try:
-        if os.path.getsize(path) == 0:
-            return ImageCheck(path, problem="empty file (0 bytes)")
         with Image.open(path) as image:
             width, height = image.size
-            mode, image_format = image.mode, image.format
-            raw = bool(image.tile) and all(tile[0] == "raw" for tile in image.tile)
+            mode = image.mode
             if width * height > max_pixels:
                 return ImageCheck(path, width, height, mode, _too_large(width, height, max_pixels))
+            decode = full or (bool(image.tile) and all(tile[0] == "raw" for tile in image.tile))
+            decode = decode or (image.format == "JPEG" and not _jpeg_ends_cleanly(image))
             image.verify()
-        if full or raw or (image_format == "JPEG" and not _jpeg_ends_cleanly(path)):
+        if decode:
             _decode_fully(path)
     except Image.DecompressionBombError as err:
         return ImageCheck(path, problem=f"too large ({err}); raise data.max_image_pixels if you trust it")
     except UnidentifiedImageError:
-        return ImageCheck(path, problem="not an image (PIL cannot identify it)")
+        empty = os.path.getsize(path) == 0
+        return ImageCheck(
+            path, problem="empty file (0 bytes)" if empty else "not an image (PIL cannot identify it)"
+        )
     except (PermissionError, FileNotFoundError) as err:  # unreadable, vanished, or a broken link
         return ImageCheck(path, problem=f"cannot be opened ({err.strerror})")
     except (OSError, ValueError, SyntaxError, EOFError) as err:  # what PIL raises on damaged files
