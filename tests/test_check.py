@@ -46,6 +46,8 @@ def test_in_memory_data_and_bad_options(capsys):
     assert "data.root" in capsys.readouterr().out
     assert main(["data=digits", "data.imbalance=oversample"]) == 1
     assert "data.imbalance='oversample' is not valid; choose one of" in capsys.readouterr().out
+    assert main(["data=digits", "augment=randaugment", "augment.magnitude=40"]) == 1  # train.py would stop
+    assert "augment.magnitude=40 must be in 0..30" in capsys.readouterr().out
 
 
 def test_runs_as_a_module_with_the_exit_status(tmp_path):

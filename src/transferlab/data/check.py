@@ -1,8 +1,9 @@
 """Check data before training: `python -m transferlab.data.check data=imagefolder data.root=/data/skin`.
 
-Takes train.py's overrides, scans and splits the data exactly as a training run would, prints what
-is there (images per split and class, image sizes and modes) and what is wrong (bad files, empty
-classes, classes missing from a split), and exits with 1 when training would stop, else 0.
+Takes train.py's overrides, validates them as train.py does, scans and splits the data exactly as a
+training run would, prints what is there (images per split and class, image sizes and modes) and what
+is wrong (bad files, empty classes, classes missing from a split), and exits with 1 when training
+would stop, else 0.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from transferlab.config import validate_data
+from transferlab.config import validate_train_config
 from transferlab.data.datasets import DataSplits, build_splits
 from transferlab.data.images import PIL_MAX_PIXELS
 from transferlab.data.scan import FolderScan, scan_image_folder
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     cfg = train_config(overrides)
     try:
-        validate_data(cfg.data)
+        validate_train_config(cfg)  # a bad key anywhere would stop training before the data is read
         data = OmegaConf.to_container(cfg.data, resolve=True)
     except (ConfigError, MissingMandatoryValue) as err:
         print(f"Error: {err}")

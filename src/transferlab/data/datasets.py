@@ -310,7 +310,10 @@ def _imagefolder(cfg: dict[str, Any], scan: FolderScan | None = None) -> DataSpl
         )
     if scan.extra_classes:
         split, extra = next(iter(scan.extra_classes.items()))
-        raise DataError(f"{scan.split_dir(split)} has class folders that train does not: {', '.join(extra)}")
+        raise DataError(
+            f"{scan.split_dir(split)} has class folders that train does not: {', '.join(extra)}. Add them "
+            f"to {scan.split_dir('train')} too, or move them out of {scan.split_dir(split)}."
+        )
     class_names = _classes_with_images(scan, str(cfg.get("empty_classes") or "error"))
     splits = {name: _file_split(scan, name, class_names, max_pixels) for name in scan.images}
     seed = int(cfg.get("split_seed", 0))
@@ -397,7 +400,9 @@ def _check_coverage(split: Split | None, split_name: str, class_names: list[str]
     missing = [name for label, name in enumerate(class_names) if counts[label] == 0]
     if missing:
         raise DataError(
-            f"class(es) {', '.join(missing)} have no images in the {split_name} split of {origin}"
+            f"class(es) {', '.join(missing)} have no images in the {split_name} split of {origin}. Every "
+            f"class needs images in every split: add some (image folders: {split_name}/<class>/), or leave "
+            "the class out with data.classes=[...] (the classes to keep)."
         )
 
 
