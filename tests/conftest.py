@@ -113,6 +113,8 @@ def write_hostile_folder(root: Path, per_class: int = 6) -> dict[str, str]:
     (a / "trailing_bytes.jpg").write_bytes(jpeg + b"\x00" * 100)  # valid: bytes after the end marker
     (a / ".hidden.jpg").write_bytes(b"")  # hidden: ignored, not reported
     (a / "notes.txt").write_text("not an image by extension: ignored")
+    (root / "train" / ".ipynb_checkpoints").mkdir()  # a hidden folder is not a class
+    (root / "train" / ".ipynb_checkpoints" / "0-checkpoint.png").write_bytes(b"")
     return {
         "train/a/zero.jpg": "empty file",
         "train/a/text.png": "not an image",

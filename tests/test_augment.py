@@ -113,6 +113,20 @@ def test_mixup_and_cutmix_make_soft_targets_that_sum_to_one():
     assert isinstance(batch_mixer(preset("basic", mixup_alpha=0.2, cutmix_alpha=1.0), 5), v2.RandomChoice)
 
 
+@pytest.mark.parametrize("name", PRESETS)
+def test_evaluation_never_augments_whatever_the_preset(name):
+    augment = preset(name, mixup_alpha=0.2, cutmix_alpha=1.0)
+    dm = TransferDataModule({**DIGITS, "batch_size": 8}, TINY, augment=augment)
+    for loader in (dm.val_dataloader(), dm.test_dataloader(), dm.split_dataloader("train")):
+        assert kinds(loader.dataset.transform) == kinds(eval_transform(TINY))
+        assert not isinstance(loader.collate_fn, MixingCollate)
+        torch.manual_seed(0)
+        first = next(iter(loader))
+        torch.manual_seed(1)
+        second = next(iter(loader))
+        assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
 def test_mixup_batches_reach_the_loader(tmp_path):
     dm = TransferDataModule(
         {**DIGITS, "batch_size": 8}, TINY, augment=preset("trivialaugment", mixup_alpha=0.4)

@@ -17,7 +17,7 @@ from transferlab.data.imbalance import balanced_sampler, class_weights
 from transferlab.data.transforms import Preprocessing
 from transferlab.errors import ConfigError
 from transferlab.models.losses import ClassificationLoss, focal_loss
-from transferlab.training import train
+from transferlab.training import per_class_recall_table, train
 
 TINY = Preprocessing(crop_size=16, resize_size=18)
 DIGITS = {"name": "digits", "split_seed": 0, "val_fraction": 0.2, "test_fraction": 0.2, "num_workers": 0}
@@ -109,9 +109,14 @@ def test_datamodule_weights_and_sampler_follow_the_training_counts():
 
 
 @pytest.mark.parametrize("imbalance", ["class_weights", "sampler", "focal"])
-def test_runs_with_each_imbalance_option(imbalance, fast_cfg, tmp_path):
-    metrics = train(fast_cfg(f"data.imbalance={imbalance}", "data.class_fraction={3:0.1}"))
+def test_runs_with_each_imbalance_option(imbalance, fast_cfg, tmp_path, caplog):
+    with caplog.at_level("INFO", logger="transferlab.training"):
+        metrics = train(fast_cfg(f"data.imbalance={imbalance}", "data.class_fraction={3:0.1}"))
     assert 0 <= metrics["test/f1"] <= 1 and 0 <= metrics["test/acc_class/3"] <= 1
+    recall_row = (
+        f"  3      {metrics['test/acc_class/3']:6.3f}      11{metrics['class_counts']['test']['3']:8d}"
+    )
+    assert "Per-class test recall" in caplog.text and recall_row in caplog.text.splitlines()
     assert metrics["class_counts"]["train"]["3"] == round(108 * 0.1)
     hparams = torch.load(metrics["best_ckpt"], weights_only=True)["hyper_parameters"]["loss"]
     assert hparams["name"] == ("focal" if imbalance == "focal" else "cross_entropy")
@@ -127,3 +132,14 @@ def test_runs_with_each_imbalance_option(imbalance, fast_cfg, tmp_path):
         assert logged["data/train_count/3"] == counts[3] and logged["data/test_count/3"] > counts[3]
     else:
         assert hparams["class_weights"] is None
+
+
+def test_per_class_recall_table_puts_each_recall_next_to_the_counts():
+    metrics = {"test/acc_class/cat": 0.5, "test/acc_class/hedgehog": 1.0, "test/acc": 0.75}
+    counts = {"train": {"cat": 2, "hedgehog": 80}, "test": {"cat": 4, "hedgehog": 4}}
+    assert per_class_recall_table(metrics, counts).splitlines() == [
+        "Per-class test recall:",
+        "  class     recall   train    test",
+        "  cat        0.500       2       4",
+        "  hedgehog   1.000      80       4",
+    ]

@@ -37,6 +37,7 @@ def test_scan_reports_exactly_the_bad_files_and_ignores_hidden_and_other_files(t
     for path, problem in expected.items():
         assert problem in found[path], path
     assert [p.name for p in scan.ignored] == ["notes.txt"]  # hidden files are not even listed
+    assert scan.class_names == ["a", "b"]  # train/.ipynb_checkpoints/ is no class
     train_a = [f.path.name for f in scan.images["train"]["a"]]
     assert "trailing_bytes.jpg" in train_a and ".hidden.jpg" not in train_a
     assert scan.num_images() == 6 + 1 + 6 + 4 + 4  # good pngs, the JPEG with trailing bytes, val, test

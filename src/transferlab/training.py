@@ -114,6 +114,7 @@ def final_metrics(
         for result in trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False):
             metrics.update(result)
         metrics["test/confusion_matrix"] = model.test_confusion.tolist()
+        log.info("%s", per_class_recall_table(metrics, datamodule.class_counts()))
     elif test:
         log.warning("The data has no test split: reporting validation metrics only.")
     metrics.update(
@@ -125,6 +126,20 @@ def final_metrics(
         }
     )
     return metrics
+
+
+def per_class_recall_table(metrics: dict[str, Any], counts: dict[str, dict[str, int]]) -> str:
+    """Test recall of each class (`test/acc_class/<name>`: the share of its images predicted right) next
+    to its image counts, so that what imbalance does to the rare classes shows at the end of a run."""
+    names = list(counts["train"])
+    width = max([5, *map(len, names)])
+    lines = ["Per-class test recall:", "  " + "class".ljust(width) + "  recall   train    test"]
+    for name in names:
+        recall = float(metrics[f"test/acc_class/{name}"])
+        lines.append(
+            f"  {name.ljust(width)}  {recall:6.3f}{counts['train'][name]:8d}{counts['test'][name]:8d}"
+        )
+    return "\n".join(lines)
 
 
 def log_class_counts(loggers: list[Logger], counts: dict[str, dict[str, int]]) -> None:
