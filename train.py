@@ -7,10 +7,12 @@ import hydra
 from omegaconf import DictConfig
 
 import transferlab.rundir  # noqa: F401  (registers the run-directory resolver before Hydra composes)
+from transferlab.errors import exit_on_user_error
 from transferlab.training import train
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
+@exit_on_user_error
 def main(cfg: DictConfig) -> float | None:
     metrics = train(cfg)
     return metrics.get(cfg.optimized_metric)  # what sweepers (e.g. Optuna) optimise

@@ -75,9 +75,21 @@ def test_missing_weights_file_names_the_path(tmp_path):
 @pytest.mark.parametrize(
     ("override", "pattern"),
     [
-        ("freeze.name=sometimes", "freeze.name='sometimes'.*none, backbone"),
-        ("freeze.bn=maybe", "freeze.bn='maybe'.*train, eval"),
-        ("scheduler.name=linear", "scheduler.name='linear'.*none, cosine, step"),
+        ("freeze.name=sometimes", "freeze.name='sometimes'.*full, linear_probe, partial, gradual"),
+        ("freeze.bn=maybe", "freeze.bn='maybe'.*auto, train, eval"),
+        ("scheduler.name=linear", "scheduler.name='linear'.*none, cosine, onecycle, step, plateau"),
+        ("freeze=gradual freeze.milestones=[5,2]", r"freeze.milestones=\[5, 2\] must be strictly increasing"),
+        ("freeze=gradual freeze.milestones=[]", "freeze=gradual needs freeze.milestones"),
+        ("freeze=gradual freeze.milestones=[0,3]", "freeze.milestones entry=0 must be an integer >= 1"),
+        (
+            "freeze=gradual freeze.milestones=[2,30]",
+            r"epoch 30 is past the last epoch \(trainer.max_epochs=10",
+        ),
+        ("freeze=partial freeze.trainable_blocks=-1", "freeze.trainable_blocks=-1 must be an integer >= 0"),
+        ("optim.layer_decay=1.5", r"optim.layer_decay=1.5 must be in \(0, 1\]"),
+        ("optim.layer_decay=0", r"optim.layer_decay=0 must be in \(0, 1\]"),
+        ("optim.backbone_lr_mult=-0.1", "optim.backbone_lr_mult=-0.1 must be a number >= 0"),
+        ("tune.min_lr=1", "tune.min_lr=1 and tune.max_lr=1.0"),
         ("optim.lr=-1", "optim.lr=-1"),
         ("data.name=mnist", "data.name='mnist'.*digits, cifar10, imagefolder"),
         ("data.shots=0", "data.shots=0"),
@@ -86,6 +98,6 @@ def test_missing_weights_file_names_the_path(tmp_path):
     ],
 )
 def test_bad_values_name_the_key(override, pattern, tmp_path):
-    cfg = compose_config(["backbone.weights=null", override], tmp_path)
+    cfg = compose_config(["backbone.weights=null", "trainer.max_epochs=10", *override.split()], tmp_path)
     with pytest.raises(ConfigError, match=pattern):
         validate_train_config(cfg)

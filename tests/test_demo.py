@@ -15,7 +15,7 @@ def test_summary_table_mean_and_spread():
         ]
     }
     table = summarise(runs)
-    assert "| a | 0.600 ± 0.141 | 0.500 ± 0.141 | 0.700 ± 0.141 |" in table
+    assert "| a | 0.600 ± 0.141 | 0.500 ± 0.141 | 0.700 ± 0.141 | 0.500 0.700 |" in table
 
 
 def test_demo_runs_end_to_end(tmp_path, capsys):
@@ -29,13 +29,13 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     main(["--out", str(out), *tiny])
     report = (out / "results.md").read_text()
     for method in (
-        "fine-tune (pretrained on 0-4)",
-        "linear probe (pretrained on 0-4)",
-        "from scratch (random init)",
+        "full fine-tune (`full`)",
+        "linear probe (`linear_probe`)",
+        "from scratch (random init) (`scratch`)",
     ):
         assert f"| {method} |" in report
     assert "5 labelled images per class" in report
-    assert (out / "finetune_seed42" / "metrics.json").is_file()
-    assert "Loaded backbone weights from" in (out / "finetune_seed42.log").read_text()
+    assert (out / "full_seed42" / "metrics.json").is_file()
+    assert "Loaded backbone weights from" in (out / "full_seed42.log").read_text()
     with pytest.raises(SystemExit, match="already holds demo runs"):
         main(["--out", str(out), *tiny])

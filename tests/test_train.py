@@ -134,6 +134,15 @@ def test_never_overwrites_an_earlier_run(trained_run):
     assert before == {p: p.stat().st_mtime_ns for p in trained_run.rglob("*") if p.is_file()}
 
 
+def test_a_bad_value_ends_the_cli_with_one_line_not_a_traceback(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_cli("train.py", *FAST, "optim.layer_decay=2", f"hydra.run.dir={run_dir}", check=False)
+    assert proc.returncode == 2
+    output = proc.stdout + proc.stderr
+    assert "optim.layer_decay=2 must be in (0, 1]" in output and "Traceback" not in output
+    assert "optim.layer_decay=2" in (run_dir / "train.log").read_text()  # the run's log has it too
+
+
 def test_runs_started_together_get_different_directories():
     run_dir_template = (ROOT / "conf" / "hydra" / "default.yaml").read_text()
     assert "${now:%Y-%m-%d_%H-%M-%S}_${run_uid:}" in run_dir_template
@@ -180,7 +189,7 @@ def test_frozen_backbone_does_not_change(fast_cfg, tmp_path):
     weights = tmp_path / "r18.pth"
     torch.save(get_model("resnet18", weights=None).state_dict(), weights)
     run_dir = tmp_path / "frozen"
-    train(fast_cfg("freeze=backbone", f"backbone.weights={weights}", output_dir=run_dir))
+    train(fast_cfg("freeze=linear_probe", f"backbone.weights={weights}", output_dir=run_dir))
     source = torch.load(weights, weights_only=True)
     state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     for key, value in state.items():

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from transferlab.data.augment import check_augment
@@ -14,7 +13,8 @@ from transferlab.data.imbalance import check_imbalance
 from transferlab.data.scan import SCAN_MODES
 from transferlab.errors import ConfigError
 from transferlab.finetune.freeze import check_freeze
-from transferlab.finetune.optim import SCHEDULERS
+from transferlab.finetune.lr_find import check_tune
+from transferlab.finetune.optim import SCHEDULERS, check_optim
 from transferlab.models.backbones import check_backbone_name, is_weights_file, torchvision_weights
 
 
@@ -75,20 +75,15 @@ def validate_train_config(cfg: DictConfig) -> None:
     """Every check that can run before data or models are loaded."""
     check_backbone_name(cfg.backbone.source, cfg.backbone.name)
     _check_weights(cfg.backbone)
-    target = cfg.optim.get("_target_")
-    try:
-        get_class(target)
-    except Exception:
-        raise ConfigError(f"optim._target_={target!r} is not an importable optimizer class") from None
-    if not cfg.optim.get("lr") or cfg.optim.lr <= 0:
-        raise ConfigError(f"optim.lr={cfg.optim.get('lr')!r} must be a positive number")
+    check_optim(to_plain(cfg.optim))
     if cfg.scheduler.get("name") not in SCHEDULERS:
         raise ConfigError(
             f"scheduler.name={cfg.scheduler.get('name')!r} is not valid; choose one of: {', '.join(SCHEDULERS)}"
         )
-    check_freeze(cfg.freeze.get("name"), cfg.freeze.get("bn", "train"))
+    check_freeze(to_plain(cfg.freeze), max_epochs=cfg.trainer.get("max_epochs"))
     validate_data(cfg.data)
     check_augment(to_plain(cfg.augment))
+    check_tune(to_plain(cfg.tune))
     smoothing = cfg.loss.get("label_smoothing", 0.0)
     if not 0.0 <= smoothing < 1.0:
         raise ConfigError(f"loss.label_smoothing={smoothing} must be in [0, 1)")

@@ -22,14 +22,39 @@ from pathlib import Path
 from transferlab.rundir import find_earlier_run
 
 REPO = Path(__file__).resolve().parents[2]
-TARGET_METHODS = {  # name -> (experiment, overrides); {pretrained} is the step-1 checkpoint
-    "fine-tune (pretrained on 0-4)": ("digits_finetune", ["backbone.weights={pretrained}"]),
-    "linear probe (pretrained on 0-4)": (
+WEIGHTS = "backbone.weights={pretrained}"  # the step-1 checkpoint
+# slug -> (label, experiment, overrides); every method trains 30 epochs on the same 5 labels per class
+TARGET_METHODS = {
+    "scratch": ("from scratch (random init)", "digits_scratch", []),
+    "linear_probe": ("linear probe", "digits_finetune", [WEIGHTS, "freeze=linear_probe", "optim.lr=0.05"]),
+    "partial": (
+        "partial: last 2 stages",
         "digits_finetune",
-        ["backbone.weights={pretrained}", "freeze=backbone", "optim.lr=0.05"],
+        [WEIGHTS, "freeze=partial", "freeze.trainable_blocks=2"],
     ),
-    "from scratch (random init)": ("digits_scratch", []),
+    "gradual": (
+        "gradual: head, layer4 at 10, all at 20",
+        "digits_finetune",
+        [WEIGHTS, "freeze=gradual", "freeze.milestones=[10,20]", "freeze.bn=eval"],
+    ),
+    "lp_ft": (
+        "LP-FT: head, then all at 10",
+        "digits_finetune",
+        [WEIGHTS, "freeze=gradual", "freeze.milestones=[10]", "freeze.bn=eval"],
+    ),
+    "full": ("full fine-tune", "digits_finetune", [WEIGHTS]),
+    "full_discriminative": (
+        "full, backbone LR x0.1",
+        "digits_finetune",
+        [WEIGHTS, "optim.lr=0.05", "optim.backbone_lr_mult=0.1"],
+    ),
+    "full_layer_decay": (
+        "full, layer decay 0.6",
+        "digits_finetune",
+        [WEIGHTS, "optim.lr=0.05", "optim.layer_decay=0.6"],
+    ),
 }
+DEFAULT_METHODS = ("full", "linear_probe", "scratch")
 METRICS = ("test/acc", "test/f1", "val/acc")
 
 
@@ -58,9 +83,11 @@ def run_train(run_dir: Path, experiment: str, overrides: list[str]) -> dict:
 
 
 def summarise(results: dict[str, list[dict]]) -> str:
-    """A Markdown table: mean (and spread over seeds) of each metric per method."""
+    """A Markdown table: mean (and spread over seeds) of each metric per method, and the test
+    accuracy of each seed (the seeds pick the few labelled images, so compare methods seed by seed)."""
     seeds = len(next(iter(results.values())))
-    header = "| method | " + " | ".join(METRICS) + " |\n|---|" + "---|" * len(METRICS) + "\n"
+    columns = [*METRICS, "test/acc per seed"]
+    header = "| method | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns) + "\n"
     rows = []
     for method, runs in results.items():
         cells = []
@@ -68,6 +95,7 @@ def summarise(results: dict[str, list[dict]]) -> str:
             values = [run[key] for run in runs]
             spread = f" ± {statistics.stdev(values):.3f}" if seeds > 1 else ""
             cells.append(f"{statistics.mean(values):.3f}{spread}")
+        cells.append(" ".join(f"{run['test/acc']:.3f}" for run in runs))
         rows.append(f"| {method} | " + " | ".join(cells) + " |")
     note = f"\nMean over {seeds} seeds ± standard deviation.\n" if seeds > 1 else "\n"
     return header + "\n".join(rows) + "\n" + note
@@ -77,6 +105,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--seeds", type=int, nargs="+", default=[42], help="one target-task run per seed and method"
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=list(TARGET_METHODS),
+        default=list(DEFAULT_METHODS),
+        help="target-task methods to compare",
     )
     parser.add_argument("--out", type=Path, default=None, help="demo directory (default outputs/demo/<time>)")
     parser.add_argument(
@@ -92,14 +127,14 @@ def main(argv: list[str] | None = None) -> None:
     pretrained = source["best_ckpt"]
     print("[2/2] digits 5-9 with few labels per class (target task)", flush=True)
     results: dict[str, list[dict]] = {}
-    for method, (experiment, overrides) in TARGET_METHODS.items():
-        slug = method.split(" (")[0].replace(" ", "_").replace("-", "")
+    for slug in args.methods:
+        label, experiment, overrides = TARGET_METHODS[slug]
         for seed in args.seeds:
             filled = [o.format(pretrained=pretrained) for o in overrides]
             run = run_train(
                 out / f"{slug}_seed{seed}", experiment, [*filled, f"seed={seed}", *args.overrides]
             )
-            results.setdefault(method, []).append(run)
+            results.setdefault(f"{label} (`{slug}`)", []).append(run)
     table = summarise(results)
     command = "python -m transferlab.demo " + " ".join(sys.argv[1:] if argv is None else argv)
     report = (

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from transferlab.config import to_plain, validate_train_config
 from transferlab.data.datamodule import TransferDataModule
+from transferlab.finetune.lr_find import find_lr
 from transferlab.models.backbones import preprocessing_for
 from transferlab.models.checkpoints import check_checkpoint_classes, read_checkpoint
 from transferlab.models.classifier import ImageClassifier
@@ -169,6 +170,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if trainer.is_global_zero:
             datamodule.write_run_files(output_dir)
             log_class_counts(loggers, datamodule.class_counts())
+        if cfg.tune.get("lr_find") and not cfg.get("ckpt_path"):
+            cfg.optim.lr = find_lr(trainer, model, datamodule, to_plain(cfg.tune), output_dir, loggers)
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
         metrics = final_metrics(trainer, model, datamodule, test=bool(cfg.get("test_after_fit", True)))
         if trainer.is_global_zero:

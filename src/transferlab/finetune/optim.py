@@ -1,13 +1,17 @@
 """Optimizer and learning-rate schedule from the `optim/` and `scheduler/` configs.
 
-Parameter groups: backbone and head, each split into decayed weights and the biases and
-normalisation weights that get no weight decay. The backbone's learning rate is
-`optim.lr * optim.backbone_lr_mult`. Frozen parameters are not in any group.
+Parameter groups: one per backbone stage that ever trains, and the head; each split into decayed
+weights and the biases and normalisation weights that get no weight decay. Learning rates:
+head `optim.lr`; stage i of n `optim.lr * backbone_lr_mult * layer_decay ** (n - i)`, so the last
+stage gets one decay step and the stem n. The groups never change during a run: a stage that
+unfreezes later is in the optimizer from the start, with a learning rate of 0 until its epoch.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,55 +21,80 @@ from hydra.utils import get_class
 from transferlab.errors import ConfigError
 
 # Keys of optim/*.yaml that are ours, not keyword arguments of the torch optimizer.
-OUR_OPTIM_KEYS = ("_target_", "backbone_lr_mult", "no_decay_norm_bias")
-SCHEDULERS = ("none", "cosine", "step")
+OUR_OPTIM_KEYS = ("_target_", "backbone_lr_mult", "layer_decay", "no_decay_norm_bias")
+SCHEDULERS = ("none", "cosine", "onecycle", "step", "plateau")
+
+
+@dataclass
+class StageParams:
+    name: str
+    params: list[tuple[str, nn.Parameter]]
+    unfreeze_epoch: int | None  # None: never trains (left out of the optimizer)
 
 
 def _no_decay(name: str, param: nn.Parameter) -> bool:
     return param.ndim <= 1 or name.endswith(".bias")  # biases and norm-layer scales/shifts
 
 
-def param_groups(
-    backbone: nn.Module,
-    head: nn.Module,
-    lr: float,
-    backbone_lr_mult: float,
-    weight_decay: float,
-    no_decay_norm_bias: bool,
-) -> list[dict[str, Any]]:
+def check_optim(cfg: dict[str, Any]) -> None:
+    target = cfg.get("_target_")
+    try:
+        get_class(target)
+    except Exception:
+        raise ConfigError(f"optim._target_={target!r} is not an importable optimizer class") from None
+    lr = cfg.get("lr")
+    if not isinstance(lr, int | float) or lr <= 0:
+        raise ConfigError(f"optim.lr={lr!r} must be a positive number")
+    decay = cfg.get("layer_decay")
+    if decay is not None and not (isinstance(decay, int | float) and 0 < decay <= 1):
+        raise ConfigError(f"optim.layer_decay={decay!r} must be in (0, 1], or null for no decay")
+    mult = cfg.get("backbone_lr_mult", 1.0)
+    if not isinstance(mult, int | float) or mult < 0:
+        raise ConfigError(f"optim.backbone_lr_mult={mult!r} must be a number >= 0")
+
+
+def stage_lr_scales(num_stages: int, backbone_lr_mult: float, layer_decay: float | None) -> list[float]:
+    """LR multiplier of each stage (stem first) relative to the head's."""
+    decay = 1.0 if layer_decay is None else layer_decay
+    return [backbone_lr_mult * decay ** (num_stages - i) for i in range(num_stages)]
+
+
+def param_groups(stages: Sequence[StageParams], head: nn.Module, cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    """The optimizer's groups; each carries `unfreeze_epoch` (0 for the head) for the scheduler."""
+    lr, weight_decay = cfg["lr"], cfg.get("weight_decay", 0.0)
+    split = cfg.get("no_decay_norm_bias", True)
+    scales = stage_lr_scales(len(stages), cfg.get("backbone_lr_mult", 1.0), cfg.get("layer_decay"))
+    parts = [
+        (f"backbone.{i}.{stage.name}", stage.params, lr * scale, stage.unfreeze_epoch)
+        for i, (stage, scale) in enumerate(zip(stages, scales, strict=True))
+    ]
+    parts.append(("head", list(head.named_parameters()), lr, 0))
     groups = []
-    for part, module, part_lr in (("backbone", backbone, lr * backbone_lr_mult), ("head", head, lr)):
-        decay, no_decay = [], []
-        for name, param in module.named_parameters():
-            if param.requires_grad:
-                (no_decay if no_decay_norm_bias and _no_decay(name, param) else decay).append(param)
-        if decay:
-            groups.append({"name": part, "params": decay, "lr": part_lr, "weight_decay": weight_decay})
-        if no_decay:
-            groups.append(
-                {"name": f"{part}_no_decay", "params": no_decay, "lr": part_lr, "weight_decay": 0.0}
-            )
+    for name, params, group_lr, unfreeze_epoch in parts:
+        if unfreeze_epoch is None:
+            continue
+        decay = [p for n, p in params if not (split and _no_decay(n, p))]
+        no_decay = [p for n, p in params if split and _no_decay(n, p)]
+        for suffix, members, group_decay in (("", decay, weight_decay), (".no_decay", no_decay, 0.0)):
+            if members:
+                groups.append(
+                    {
+                        "name": name + suffix,
+                        "params": members,
+                        "lr": group_lr,
+                        "weight_decay": group_decay,
+                        "unfreeze_epoch": unfreeze_epoch,
+                    }
+                )
     return groups
 
 
-def build_optimizer(cfg: dict[str, Any], backbone: nn.Module, head: nn.Module) -> torch.optim.Optimizer:
-    target = cfg.get("_target_")
-    try:
-        optimizer_cls = get_class(target)
-    except Exception:
-        raise ConfigError(f"optim._target_={target!r} is not an importable optimizer class") from None
+def build_optimizer(
+    cfg: dict[str, Any], stages: Sequence[StageParams], head: nn.Module
+) -> torch.optim.Optimizer:
+    check_optim(cfg)
     kwargs = {k: v for k, v in cfg.items() if k not in OUR_OPTIM_KEYS}
-    if kwargs.get("lr", 0) <= 0:
-        raise ConfigError(f"optim.lr={kwargs.get('lr')!r} must be a positive number")
-    groups = param_groups(
-        backbone,
-        head,
-        lr=kwargs["lr"],
-        backbone_lr_mult=cfg.get("backbone_lr_mult", 1.0),
-        weight_decay=kwargs.get("weight_decay", 0.0),
-        no_decay_norm_bias=cfg.get("no_decay_norm_bias", True),
-    )
-    return optimizer_cls(groups, **kwargs)
+    return get_class(cfg["_target_"])(param_groups(stages, head, cfg), **kwargs)
 
 
 def warmup_cosine_factor(
@@ -78,24 +107,60 @@ def warmup_cosine_factor(
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_scheduler(
-    cfg: dict[str, Any], optimizer: torch.optim.Optimizer, total_steps: int, steps_per_epoch: int
-) -> dict[str, Any] | None:
-    """A Lightning `lr_scheduler` config, or None for a constant learning rate."""
+def onecycle_factor(step: int, total_steps: int, pct_start: float, div: float, final_div: float) -> float:
+    """OneCycleLR's learning-rate curve (cosine annealing): lr/div up to lr, then down to lr/(div*final_div)."""
+    up_steps = max(1, round(pct_start * total_steps))
+    start, end = 1.0 / div, 1.0 / (div * final_div)
+    if step < up_steps:
+        return start + (1.0 - start) * 0.5 * (1.0 - math.cos(math.pi * step / up_steps))
+    progress = min(1.0, (step - up_steps) / max(1, total_steps - up_steps))
+    return end + (1.0 - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def schedule_factor(cfg: dict[str, Any], total_steps: int, steps_per_epoch: int) -> Callable[[int], float]:
+    """The LR multiplier at each optimizer step for the step-based schedules."""
     name = cfg.get("name", "none")
-    if name == "none":
-        return None
     if name == "cosine":
         warmup_steps = round(cfg.get("warmup_epochs", 0) * steps_per_epoch)
         min_ratio, start_ratio = cfg.get("min_lr_ratio", 0.0), cfg.get("warmup_start_ratio", 0.01)
-
-        def factor(step: int) -> float:
-            return warmup_cosine_factor(step, warmup_steps, total_steps, min_ratio, start_ratio)
-
-        return {"scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, factor), "interval": "step"}
+        return lambda step: warmup_cosine_factor(step, warmup_steps, total_steps, min_ratio, start_ratio)
+    if name == "onecycle":
+        pct, div = cfg.get("pct_start", 0.3), cfg.get("div_factor", 25.0)
+        final_div = cfg.get("final_div_factor", 1e4)
+        return lambda step: onecycle_factor(step, total_steps, pct, div, final_div)
     if name == "step":
-        scheduler = torch.optim.lr_scheduler.StepLR(
-            optimizer, step_size=cfg.get("step_size", 10), gamma=cfg.get("gamma", 0.1)
-        )
-        return {"scheduler": scheduler, "interval": "epoch"}
+        size, gamma = cfg.get("step_size", 10), cfg.get("gamma", 0.1)
+        return lambda step: gamma ** ((step // steps_per_epoch) // size)
+    if name == "none":
+        return lambda step: 1.0
     raise ConfigError(f"scheduler.name={name!r} is not valid; choose one of: {', '.join(SCHEDULERS)}")
+
+
+def _gated(factor: Callable[[int], float], start_step: int) -> Callable[[int], float]:
+    """A group's multiplier: the schedule's, times 0 before the group's unfreeze step. A plain function
+    on purpose: LambdaLR leaves functions out of its state_dict, so checkpoints stay weights_only-loadable."""
+    return lambda step: factor(step) if step >= start_step else 0.0
+
+
+def build_scheduler(
+    cfg: dict[str, Any],
+    optimizer: torch.optim.Optimizer,
+    total_steps: int,
+    steps_per_epoch: int,
+) -> dict[str, Any] | None:
+    """A Lightning `lr_scheduler` config, or None for a constant learning rate with nothing to gate."""
+    name = cfg.get("name", "none")
+    if name == "plateau":
+        # Frozen groups keep their nominal LR here; they get no gradient, so no update either.
+        monitor = cfg.get("monitor", "val/acc")
+        mode = cfg.get("mode") or ("min" if "loss" in monitor else "max")
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode=mode, factor=cfg.get("factor", 0.1), patience=cfg.get("patience", 3)
+        )
+        return {"scheduler": scheduler, "interval": "epoch", "monitor": monitor}
+    factor = schedule_factor(cfg, total_steps, steps_per_epoch)
+    starts = [group.get("unfreeze_epoch", 0) * steps_per_epoch for group in optimizer.param_groups]
+    if name == "none" and not any(starts):
+        return None
+    lambdas = [_gated(factor, start) for start in starts]
+    return {"scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas), "interval": "step"}

@@ -129,10 +129,14 @@ def preprocessing_for(source: str, name: str, weights: str | None) -> Preprocess
     """What the chosen weights expect; for random init or a local file, the architecture's default weights."""
     check_backbone_name(source, name)
     if source == "timm":
-        import timm
         from timm.data import resolve_data_config
+        from timm.models import get_pretrained_cfg
 
-        config = resolve_data_config({}, model=timm.create_model(name, pretrained=False, num_classes=0))
+        # the pretrained config the model would carry, read without building the model
+        pretrained_cfg = get_pretrained_cfg(name)
+        if pretrained_cfg is None:
+            return Preprocessing()  # no published config: ImageNet conventions
+        config = resolve_data_config(pretrained_cfg=pretrained_cfg.to_dict())
         crop = int(config["input_size"][-1])
         return Preprocessing(
             crop_size=crop,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -11,12 +12,15 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from transferlab.errors import ConfigError
-from transferlab.finetune.freeze import apply_freeze, check_freeze, set_batchnorm_modes
-from transferlab.finetune.optim import build_optimizer, build_scheduler
+from transferlab.finetune.freeze import freeze_plan, resolve_bn_mode, set_batchnorm_modes
+from transferlab.finetune.optim import StageParams, build_optimizer, build_scheduler, stage_lr_scales
 from transferlab.models.backbones import Backbone, build_backbone
 from transferlab.models.losses import ClassificationLoss
 from transferlab.models.metrics import classification_metrics, per_class_metrics
+from transferlab.models.stages import backbone_stages
 from transferlab.models.weights import load_pretrained
+
+log = logging.getLogger(__name__)
 
 
 class ImageClassifier(L.LightningModule):
@@ -40,7 +44,6 @@ class ImageClassifier(L.LightningModule):
             raise ConfigError(
                 f"num_classes={num_classes} must be >= 2 and match the {len(class_names)} class names"
             )
-        check_freeze(freeze.get("name", "none"), freeze.get("bn", "train"))
         self.save_hyperparameters(logger=False)
         built = build_backbone(backbone["source"], backbone["name"])
         self.backbone = built.module
@@ -54,7 +57,14 @@ class ImageClassifier(L.LightningModule):
         self.test_detail = per_class_metrics(num_classes)
         self.test_split = "test"  # eval.py sets the split name used as metric prefix
         self.test_confusion: torch.Tensor | None = None
-        apply_freeze(self.backbone, freeze.get("name", "none"))
+        self.stages = backbone_stages(self.backbone, backbone["source"])
+        self.freeze_plan = freeze_plan(freeze, [stage.name for stage in self.stages])
+        self.bn_mode = resolve_bn_mode(
+            freeze.get("bn", "auto"), pretrained=backbone.get("weights") is not None
+        )
+        self._mask_frozen_grads = False  # set under DDP, see setup()
+        self._frozen_param_names: set[str] = set()
+        self.apply_freeze(epoch=0)
 
     def load_pretrained_backbone(self, weights: str | None, trust_file: bool = False) -> None:
         """Fill the backbone from `backbone.weights` (a weights name, a local file, or None)."""
@@ -69,16 +79,74 @@ class ImageClassifier(L.LightningModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(images))
 
+    def apply_freeze(self, epoch: int) -> None:
+        """Make exactly the stages the plan trains at `epoch` trainable; the rest get no gradient."""
+        frozen: set[str] = set()
+        params = dict(self.backbone.named_parameters())
+        for index, stage in enumerate(self.stages):
+            trains = self.freeze_plan.trains(index, epoch)
+            if not trains:
+                frozen.update(stage.param_names)
+            # Under DDP, stages that train later keep requires_grad (DDP only syncs what required
+            # grad when it wrapped the model) and lose their gradient in on_before_optimizer_step.
+            keep = self._mask_frozen_grads and self.freeze_plan.ever_trains(index)
+            for name in stage.param_names:
+                params[name].requires_grad_(trains or keep)
+        self._frozen_param_names = frozen
+        if self.training:
+            set_batchnorm_modes(self.backbone, self.bn_mode, frozen)
+
+    def setup(self, stage: str) -> None:
+        # Runs before the strategy wraps the model in DistributedDataParallel.
+        if stage == "fit" and self.trainer.world_size > 1 and self.freeze_plan.strategy == "gradual":
+            self._mask_frozen_grads = True
+            self.apply_freeze(epoch=0)
+
+    def on_fit_start(self) -> None:
+        if self.trainer.is_global_zero:
+            self._log_stages()
+
+    def _log_stages(self) -> None:
+        scales = stage_lr_scales(
+            len(self.stages),
+            self.hparams.optim.get("backbone_lr_mult", 1.0),
+            self.hparams.optim.get("layer_decay"),
+        )
+        lr = self.hparams.optim["lr"]
+        lines = [
+            f"  {i:>2} {stage.name:<40} lr {lr * scale:<10.3g} "
+            + self._describe_unfreeze(self.freeze_plan.unfreeze_epoch(i))
+            for i, (stage, scale) in enumerate(zip(self.stages, scales, strict=True))
+        ]
+        log.info(
+            "Freeze strategy %s, batch norm %s; backbone stages (stem first):\n%s\n     head lr %.3g",
+            self.freeze_plan.strategy,
+            self.bn_mode,
+            "\n".join(lines),
+            lr,
+        )
+
+    @staticmethod
+    def _describe_unfreeze(epoch: int | None) -> str:
+        return "frozen" if epoch is None else "trains" if epoch == 0 else f"trains from epoch {epoch}"
+
     def train(self, mode: bool = True) -> ImageClassifier:
         super().train(mode)
         if mode:
-            set_batchnorm_modes(self.backbone, self.hparams.freeze.get("bn", "train"))
+            set_batchnorm_modes(self.backbone, self.bn_mode, self._frozen_param_names)
         return self
 
     def on_train_epoch_start(self) -> None:
-        # Lightning restores per-module modes after validation instead of calling train(): re-apply the
-        # batch-norm policy at every epoch start; the restore then keeps it for the rest of the epoch.
-        set_batchnorm_modes(self.backbone, self.hparams.freeze.get("bn", "train"))
+        # The epoch decides what is frozen (also right after a resume). Lightning restores per-module
+        # modes after validation instead of calling train(), so batch-norm modes are re-applied here too.
+        self.apply_freeze(self.current_epoch)
+        set_batchnorm_modes(self.backbone, self.bn_mode, self._frozen_param_names)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._mask_frozen_grads and self._frozen_param_names:
+            for name, param in self.backbone.named_parameters():
+                if name in self._frozen_param_names:
+                    param.grad = None  # no gradient: the optimizer skips it (no decay, no momentum)
 
     def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str, metrics) -> torch.Tensor:
         images, targets = batch
@@ -152,7 +220,14 @@ class ImageClassifier(L.LightningModule):
         plt.close(fig)
 
     def configure_optimizers(self) -> Any:
-        optimizer = build_optimizer(dict(self.hparams.optim), self.backbone, self.head)
+        params = dict(self.backbone.named_parameters())
+        stages = [
+            StageParams(
+                stage.name, [(n, params[n]) for n in stage.param_names], self.freeze_plan.unfreeze_epoch(i)
+            )
+            for i, stage in enumerate(self.stages)
+        ]
+        optimizer = build_optimizer(dict(self.hparams.optim), stages, self.head)
         total_steps = int(self.trainer.estimated_stepping_batches)
         max_epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
         steps_per_epoch = max(1, math.ceil(total_steps / max_epochs))
