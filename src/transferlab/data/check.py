@@ -23,7 +23,7 @@ from transferlab.config import validate_train_config
 from transferlab.data.datasets import DataSplits, build_splits
 from transferlab.data.images import PIL_MAX_PIXELS
 from transferlab.data.scan import FolderScan, scan_image_folder
-from transferlab.errors import ConfigError, DataError
+from transferlab.errors import USER_ERRORS
 
 CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
 
@@ -115,7 +115,7 @@ def check(data: dict[str, Any], seed: int = 0) -> int:
             scan = scan_image_folder(data["root"], str(data.get("scan") or "fast"), max_pixels)
             print(scan_report(scan) + "\n")
         splits = build_splits(data, seed=seed, scan=scan)
-    except (DataError, ConfigError) as err:
+    except USER_ERRORS as err:
         print(f"Training would stop:\n{err}")
         return 1
     print(splits_report(splits) + "\nOK: training would start with this data.")
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         validate_train_config(cfg)  # a bad key anywhere would stop training before the data is read
         data = OmegaConf.to_container(cfg.data, resolve=True)
-    except (ConfigError, MissingMandatoryValue) as err:
+    except (*USER_ERRORS, MissingMandatoryValue) as err:
         print(f"Error: {err}")
         return 1
     return check(data, seed=int(cfg.seed))
