@@ -21,6 +21,9 @@ demo: install
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+bench: install
+	$(BIN)/python benchmarks/scan_folder.py
+
 # on a GPU machine: resnet50 training images/s at fp32, bf16-mixed and 16-mixed (experiments/scale/README.md)
 bench-gpu: install
 	$(BIN)/python benchmarks/throughput.py --backbone resnet50 --precision 32-true bf16-mixed 16-mixed \

@@ -96,3 +96,39 @@ def write_cifar10(root: Path, per_batch: int = 20) -> Path:
     with open(folder / "batches.meta", "wb") as f:
         pickle.dump(meta, f)
     return root
+
+
+def write_hostile_folder(root: Path, per_class: int = 6) -> dict[str, str]:
+    """An image folder a user did not curate: good images of classes a and b (train/val/test) plus, in
+    train/, one file of each kind that must be reported. Returns {bad file relative to root: problem}."""
+    write_image_folder(
+        root, {"train": {"a": per_class, "b": per_class}, "val": {"a": 2, "b": 2}, "test": {"a": 2, "b": 2}}
+    )
+    a, b = root / "train" / "a", root / "train" / "b"
+    (a / "zero.jpg").write_bytes(b"")
+    (a / "text.png").write_text("this is not an image")
+    jpeg, png = _encoded(a / "0.png", "JPEG"), (a / "1.png").read_bytes()
+    (a / "cut.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    (b / "cut.png").write_bytes(png[: len(png) // 2])
+    (b / "broken_link.jpg").symlink_to(root / "nowhere.jpg")
+    (a / "trailing_bytes.jpg").write_bytes(jpeg + b"\x00" * 100)  # valid: bytes after the end marker
+    (a / ".hidden.jpg").write_bytes(b"")  # hidden: ignored, not reported
+    (a / "notes.txt").write_text("not an image by extension: ignored")
+    (root / "train" / ".ipynb_checkpoints").mkdir()  # a hidden folder is not a class
+    (root / "train" / ".ipynb_checkpoints" / "0-checkpoint.png").write_bytes(b"")
+    return {
+        "train/a/zero.jpg": "empty file",
+        "train/a/text.png": "not an image",
+        "train/a/cut.jpg": "truncated",
+        "train/b/cut.png": "truncated",
+        "train/b/broken_link.jpg": "cannot be opened",
+    }
+
+
+def _encoded(path: Path, image_format: str) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    with Image.open(path) as image:
+        image.convert("RGB").save(buffer, image_format)
+    return buffer.getvalue()

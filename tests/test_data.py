@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+from unittest import mock
 from urllib.error import URLError
 
 import numpy as np
@@ -9,7 +11,8 @@ import pytest
 import torch
 
 from tests.conftest import write_cifar10, write_image_folder
-from transferlab.data.datamodule import TransferDataModule
+from transferlab.data import datamodule
+from transferlab.data.datamodule import TransferDataModule, resolve_num_workers
 from transferlab.data.datasets import build_splits
 from transferlab.data.transforms import Preprocessing
 from transferlab.errors import ConfigError, DataError
@@ -87,7 +90,7 @@ def test_imagefolder_errors_name_the_path(tmp_path):
         build_splits({"name": "imagefolder", "root": str(tmp_path / "empty")})
     write_image_folder(tmp_path / "noval", {"train": {"a": 3, "b": 3}})
     (tmp_path / "noval" / "val" / "a").mkdir(parents=True)
-    with pytest.raises(DataError, match="noval/val holds no images"):
+    with pytest.raises(DataError, match="noval/val holds no usable images"):
         build_splits({"name": "imagefolder", "root": str(tmp_path / "noval")})
     write_image_folder(tmp_path / "gap", {"train": {"a": 3, "b": 3}, "test": {"a": 2}})
     with pytest.raises(DataError, match=r"class\(es\) b have no images in the test split of .*gap"):
@@ -119,3 +122,48 @@ def test_cifar10_missing_offline_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setattr("torchvision.datasets.utils.download_url", no_network)
     with pytest.raises(DataError, match="(?s)download failed.*cifar-10-python.tar.gz"):
         build_splits({"name": "cifar10", "root": str(tmp_path), "download": True})
+
+
+@pytest.mark.parametrize(
+    ("cpus", "processes", "expected"),
+    [(1, 1, 0), (2, 1, 1), (16, 1, 8), (64, 1, 8), (16, 4, 3), (8, 8, 0)],
+)
+def test_auto_workers_share_the_usable_cpus_among_training_processes(cpus, processes, expected):
+    with mock.patch.object(datamodule, "usable_cpu_count", return_value=cpus):
+        assert resolve_num_workers("auto", processes) == expected
+
+
+def test_bad_num_workers_name_the_key():
+    for value in (-1, "many", 1.5, True):
+        with pytest.raises(ConfigError, match=f"data.num_workers={value!r} must be 'auto'"):
+            TransferDataModule({**DIGITS, "num_workers": value}, TINY)
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")  # 16 CPUs are mocked
+def test_loaders_keep_workers_alive_and_pin_memory_only_for_a_gpu():
+    dm = TransferDataModule({**DIGITS, "batch_size": 8, "num_workers": 1}, TINY)
+    cpu = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")), num_devices=1)
+    dm.trainer = cpu
+    loader = dm.val_dataloader()
+    assert loader.num_workers == 1 and loader.persistent_workers and not loader.pin_memory
+    inline = TransferDataModule({**DIGITS, "batch_size": 8, "num_workers": 0}, TINY)
+    inline.trainer = cpu
+    assert not inline.train_dataloader().persistent_workers  # no workers to keep
+    gpus = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cuda", 0)), num_devices=4)
+    auto = TransferDataModule({**DIGITS, "batch_size": 8, "num_workers": "auto"}, TINY)
+    auto.trainer = gpus
+    with mock.patch.object(datamodule, "usable_cpu_count", return_value=16):
+        loader = auto.train_dataloader()  # built, not iterated: no GPU needed
+    assert loader.pin_memory and loader.num_workers == 3 and loader.persistent_workers
+
+
+def test_counts_per_class_are_logged_when_the_data_is_set_up(caplog):
+    dm = TransferDataModule({**DIGITS, "class_fraction": {3: 0.1}, "num_workers": 0}, TINY)
+    with caplog.at_level("INFO", logger="transferlab.data.datamodule"):
+        dm.setup()
+    lines = {line.split(":")[0]: line for line in caplog.messages}
+    assert set(lines) == {"train", "val", "test"}
+    assert lines["train"].startswith("train: 979 images (0=107, 1=109, 2=106, 3=11, 4=109")
+    val = dm.class_counts()["val"]
+    assert lines["val"] == f"val: 360 images ({', '.join(f'{c}={n}' for c, n in val.items())})"
+    assert val["3"] > 30  # only training images are cut

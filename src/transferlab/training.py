@@ -30,7 +30,9 @@ from transferlab.speed import apply_speed_options
 log = logging.getLogger(__name__)
 
 
-def build_datamodule(data: DictConfig, backbone: DictConfig, seed: int) -> TransferDataModule:
+def build_datamodule(
+    data: DictConfig, backbone: DictConfig, seed: int, augment: DictConfig | None = None
+) -> TransferDataModule:
     """Preprocessing follows the backbone's weights, then `data.image_size/mean/std/interpolation`."""
     preprocessing = preprocessing_for(backbone.source, backbone.name, backbone.get("weights")).with_overrides(
         image_size=data.get("image_size"),
@@ -39,7 +41,18 @@ def build_datamodule(data: DictConfig, backbone: DictConfig, seed: int) -> Trans
         interpolation=data.get("interpolation"),
     )
     log.info("Preprocessing: %s", preprocessing)
-    return TransferDataModule(to_plain(data), preprocessing, seed=seed)
+    return TransferDataModule(to_plain(data), preprocessing, seed=seed, augment=to_plain(augment))
+
+
+def loss_config(cfg: DictConfig, datamodule: TransferDataModule) -> dict[str, Any]:
+    """`loss.*` plus what `data.imbalance` asks of the loss: class weights from the training counts, or
+    the focal loss. (`sampler` changes what the loader draws, not the loss.)"""
+    imbalance = cfg.data.get("imbalance") or "none"
+    return {
+        **to_plain(cfg.loss),
+        "name": "focal" if imbalance == "focal" else "cross_entropy",
+        "class_weights": datamodule.class_weights() if imbalance == "class_weights" else None,
+    }
 
 
 def build_model(cfg: DictConfig, datamodule: TransferDataModule) -> ImageClassifier:
@@ -53,7 +66,7 @@ def build_model(cfg: DictConfig, datamodule: TransferDataModule) -> ImageClassif
         scheduler=to_plain(cfg.scheduler),
         freeze=to_plain(cfg.freeze),
         preprocessing=datamodule.preprocessing.to_dict(),
-        loss=to_plain(cfg.loss),
+        loss=loss_config(cfg, datamodule),
     )
     if cfg.get("ckpt_path"):
         check_checkpoint_classes(read_checkpoint(cfg.ckpt_path), cfg.ckpt_path, datamodule.class_names)
@@ -121,12 +134,43 @@ def final_metrics(
         for result in trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False):
             metrics.update(result)
         metrics["test/confusion_matrix"] = model.test_confusion.tolist()
+        log.info("%s", per_class_recall_table(metrics, datamodule.class_counts()))
     elif test:
         log.warning("The data has no test split: reporting validation metrics only.")
     metrics.update(
-        {"best_ckpt": best, "epochs_trained": trainer.current_epoch, "class_names": datamodule.class_names}
+        {
+            "best_ckpt": best,
+            "epochs_trained": trainer.current_epoch,
+            "class_names": datamodule.class_names,
+            "class_counts": datamodule.class_counts(),
+        }
     )
     return metrics
+
+
+def per_class_recall_table(metrics: dict[str, Any], counts: dict[str, dict[str, int]]) -> str:
+    """Test recall of each class (`test/acc_class/<name>`: the share of its images predicted right) next
+    to its image counts, so that what imbalance does to the rare classes shows at the end of a run."""
+    names = list(counts["train"])
+    width = max([5, *map(len, names)])
+    lines = ["Per-class test recall:", "  " + "class".ljust(width) + "  recall   train    test"]
+    for name in names:
+        recall = float(metrics[f"test/acc_class/{name}"])
+        lines.append(
+            f"  {name.ljust(width)}  {recall:6.3f}{counts['train'][name]:8d}{counts['test'][name]:8d}"
+        )
+    return "\n".join(lines)
+
+
+def log_class_counts(loggers: list[Logger], counts: dict[str, dict[str, int]]) -> None:
+    """Images per class and split as scalars at step 0 (`data/train_count/<class>`), so imbalance shows."""
+    values = {
+        f"data/{split}_count/{name}": n
+        for split, per_class in counts.items()
+        for name, n in per_class.items()
+    }
+    for logger in loggers:
+        logger.log_metrics(values, step=0)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -151,7 +195,7 @@ def _fit_and_evaluate(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     check_multirun_processes(cfg.trainer, multirun=is_multirun())
     cfg.ckpt_path = start_checkpoint(cfg.get("ckpt_path"), output_dir)
     L.seed_everything(cfg.seed, workers=True)
-    datamodule = build_datamodule(cfg.data, cfg.backbone, cfg.seed)
+    datamodule = build_datamodule(cfg.data, cfg.backbone, cfg.seed, cfg.augment)
     datamodule.prepare_data()
     datamodule.setup("fit")
     model = build_model(cfg, datamodule)
@@ -161,6 +205,9 @@ def _fit_and_evaluate(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     trainer = build_trainer(cfg, callbacks, loggers)
     status = "failed"
     try:
+        if trainer.is_global_zero:
+            datamodule.write_run_files(output_dir)
+            log_class_counts(loggers, datamodule.class_counts())
         if cfg.tune.get("lr_find") and not cfg.get("ckpt_path"):
             cfg.optim.lr = find_lr(trainer, model, datamodule, to_plain(cfg.tune), output_dir, loggers)
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))

@@ -1,45 +1,61 @@
-"""The LightningDataModule: splits from `datasets.py`, transforms from the backbone's preprocessing."""
+"""The LightningDataModule: splits from `datasets.py`, transforms from the backbone's preprocessing and
+the `augment` preset, class imbalance handling, and the files a run keeps about its data."""
 
 from __future__ import annotations
 
 import logging
-import os
-from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, RandomSampler
 
-from transferlab.data.datasets import DataSplits, SplitDataset, build_splits, prepare_cifar10
-from transferlab.data.transforms import Preprocessing, eval_transform, train_transform
+from transferlab.data.augment import MixingCollate, batch_mixer, train_transform
+from transferlab.data.datasets import DataSplits, Split, SplitDataset, build_splits, prepare_cifar10
+from transferlab.data.imbalance import balanced_sampler, check_imbalance, class_weights
+from transferlab.data.scan import usable_cpu_count
+from transferlab.data.transforms import Preprocessing, eval_transform
 from transferlab.distributed import exact_eval_loader
 from transferlab.errors import ConfigError
+from transferlab.rundir import write_json
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 
 
-def resolve_num_workers(value: Any) -> int:
-    """`auto`: one worker per core but one, at most 8."""
+def resolve_num_workers(value: Any, processes: int = 1) -> int:
+    """`auto`: the usable CPUs shared among this node's training processes, one left for the process
+    itself, at most 8 per process."""
     if value == "auto":
-        return max(0, min(8, (os.cpu_count() or 1) - 1))
-    if not isinstance(value, int) or value < 0:
+        return max(0, min(8, usable_cpu_count() // max(1, processes) - 1))
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise ConfigError(f"data.num_workers={value!r} must be 'auto' or an integer >= 0")
     return value
 
 
 class TransferDataModule(L.LightningDataModule):
-    def __init__(self, data: dict[str, Any], preprocessing: Preprocessing, seed: int = 0) -> None:
+    def __init__(
+        self,
+        data: dict[str, Any],
+        preprocessing: Preprocessing,
+        seed: int = 0,
+        augment: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__()
-        self.cfg, self.preprocessing, self.seed = data, preprocessing, seed
+        self.cfg, self.preprocessing, self.seed, self.augment = data, preprocessing, seed, augment
         # stored in our checkpoints (plain types): eval.py rebuilds the same data from them
-        self.save_hyperparameters({"data": data, "preprocessing": preprocessing.to_dict(), "seed": seed})
+        self.save_hyperparameters(
+            {"data": data, "preprocessing": preprocessing.to_dict(), "seed": seed, "augment": augment}
+        )
         self.batch_size = int(data.get("batch_size", 32))
         if self.batch_size < 1:
             raise ConfigError(f"data.batch_size={self.batch_size} must be >= 1")
-        self.num_workers = resolve_num_workers(data.get("num_workers", "auto"))
+        resolve_num_workers(data.get("num_workers", "auto"))  # fail early on a bad value
+        self.imbalance = str(data.get("imbalance") or "none")
+        check_imbalance(self.imbalance)
         self.splits: DataSplits | None = None
 
     @property
@@ -59,33 +75,102 @@ class TransferDataModule(L.LightningDataModule):
         if self.splits is not None:
             return
         self.splits = build_splits(self.cfg, seed=self.seed)
-        for name in SPLITS:
-            split = getattr(self.splits, name)
-            if split is not None:
-                counts = Counter(split.labels().tolist())
-                per_class = ", ".join(f"{c}={counts[i]}" for i, c in enumerate(self.splits.class_names))
-                log.info("%s: %d images (%s)", name, len(split), per_class)
+        for name, counts in self.class_counts().items():
+            per_class = ", ".join(f"{c}={n}" for c, n in counts.items())
+            log.info("%s: %d images (%s)", name, sum(counts.values()), per_class)
 
     def has_split(self, name: str) -> bool:
         self.setup()
         return getattr(self.splits, name) is not None
 
-    def _loader(self, name: str, train: bool) -> DataLoader:
+    def _split(self, name: str) -> Split:
         self.setup()
         split = getattr(self.splits, name)
         if split is None:
             raise ConfigError(f"the dataset has no {name} split")
-        augment = self.cfg.get("augment") or {}
-        transform = (
-            train_transform(
-                self.preprocessing,
-                tuple(augment.get("crop_scale", (0.5, 1.0))),
-                bool(augment.get("hflip", True)),
-            )
-            if train
-            else eval_transform(self.preprocessing)
+        return split
+
+    def class_counts(self) -> dict[str, dict[str, int]]:
+        """Images per class in each split: {split: {class name: count}}."""
+        self.setup()
+        counts = {}
+        for name in SPLITS:
+            split = getattr(self.splits, name)
+            if split is not None:
+                per_class = np.bincount(split.labels(), minlength=len(self.splits.class_names))
+                counts[name] = dict(zip(self.splits.class_names, per_class.tolist(), strict=True))
+        return counts
+
+    def class_weights(self) -> list[float]:
+        """Loss weights N / (K * n_c) from the training counts (`data.imbalance=class_weights`)."""
+        return class_weights(list(self.class_counts()["train"].values()))
+
+    def write_run_files(self, run_dir: str | Path) -> None:
+        """splits/<split>.txt and splits/summary.json (what each split holds, to audit or rebuild it),
+        and bad_files.txt when bad files were skipped. Rank 0 only: the files are the same on every rank."""
+        self.setup()
+        folder = Path(run_dir) / "splits"
+        folder.mkdir(parents=True, exist_ok=True)
+        names = self.splits.class_names
+        sources = {}
+        for name in SPLITS:
+            split = getattr(self.splits, name)
+            if split is None:
+                continue
+            lines = [
+                f"{split.source.key(i)}\t{names[label]}\n"
+                for i, label in zip(split.indices, split.labels(), strict=True)
+            ]
+            (folder / f"{name}.txt").write_text("".join(lines))
+            sources[name] = getattr(split.source, "name", self.splits.origin)
+        write_json(
+            folder / "summary.json",
+            {
+                "origin": self.splits.origin,
+                "format": "<split>.txt: one image per line, '<key>\\t<class>'; the key is the path relative "
+                "to the data root for image folders, else the index in the source",
+                "sources": sources,
+                "class_names": names,
+                "counts": self.class_counts(),
+                "split_seed": self.cfg.get("split_seed"),
+            },
         )
+        if self.splits.skipped:
+            lines = [f"{f.path}\t{f.problem}\n" for f in self.splits.skipped]
+            (Path(run_dir) / "bad_files.txt").write_text("".join(lines))
+
+    def _pin_memory(self) -> bool:
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            return trainer.strategy.root_device.type == "cuda"
+        return torch.cuda.is_available()
+
+    def _num_workers(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        processes = trainer.num_devices if trainer is not None else 1
+        return resolve_num_workers(self.cfg.get("num_workers", "auto"), processes)
+
+    def _loader(self, name: str, train: bool) -> DataLoader:
+        split = self._split(name)
+        if train:
+            transform = train_transform(
+                self.preprocessing,
+                self.augment,
+                allow_hflip=bool(self.cfg.get("allow_hflip", True)),
+                min_crop_scale=self.cfg.get("min_crop_scale"),
+            )
+        else:
+            transform = eval_transform(self.preprocessing)
         dataset = SplitDataset(split, transform)
+        sampler = (
+            balanced_sampler(split.labels(), self.num_classes)
+            if train and self.imbalance == "sampler"
+            else None
+        )
+        mixer = batch_mixer(self.augment, self.num_classes) if train else None
+        if mixer is not None:
+            log.info("mixup/cutmix: training targets are soft, so train accuracy and F1 are not computed")
+        workers = self._num_workers()
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
@@ -93,14 +178,16 @@ class TransferDataModule(L.LightningDataModule):
             # reseeded when the epoch starts (resume.ReseedEachEpoch), and nothing else may draw from it in
             # between. Each new iterator draws a worker seed, from the loader's own generator here: Lightning
             # makes the first epoch's iterator before that epoch starts, later ones after, so a draw from the
-            # global RNG would shift a resumed epoch. (RandomSampler draws on the first batch.)
-            sampler=RandomSampler(dataset) if train else None,
+            # global RNG would shift a resumed epoch. (RandomSampler, and the weighted sampler of
+            # imbalance=sampler, draw on the first batch.)
+            sampler=sampler if sampler is not None else RandomSampler(dataset) if train else None,
             generator=torch.Generator().manual_seed(self.seed) if train else None,
             # a last batch of one image breaks batch norm in training mode
             drop_last=train and len(dataset) % self.batch_size == 1,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=self._pin_memory(),
+            collate_fn=MixingCollate(mixer) if mixer is not None else None,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -1,9 +1,11 @@
-"""Datasets: scikit-learn digits (embedded, offline), CIFAR-10 and ImageFolder trees.
+"""Datasets: scikit-learn digits (embedded, offline), CIFAR-10 and image folders.
 
 Each builder returns the class names and, per split, a source (images + labels) with the
 indices that belong to the split. `build_splits` then keeps the chosen classes (`data.classes`),
-remaps their labels to 0..K-1, keeps N training images per class (`data.shots`) and checks that
-every split holds every class.
+remaps their labels to 0..K-1, keeps N training images per class (`data.shots`), cuts classes to a
+fraction of their training images (`data.class_fraction`) and checks that every split holds every
+class. Image folders are scanned first (`scan.py`); bad files stop the build here, before training,
+unless `data.skip_bad=true`.
 """
 
 from __future__ import annotations
@@ -24,13 +26,16 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.datasets import CIFAR10
 
+from transferlab.data.images import IMAGE_EXTENSIONS, PIL_MAX_PIXELS, ImageCheck, load_rgb
+from transferlab.data.scan import FolderScan, scan_image_folder
 from transferlab.downloads import socket_timeout
 from transferlab.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
 DATASETS = ("digits", "cifar10", "imagefolder")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+EMPTY_CLASS_POLICIES = ("error", "drop")
+_BAD_FILES_SHOWN = 20  # in the error message; bad_files.txt and the check tool list them all
 
 
 class ImageSource(Protocol):
@@ -39,6 +44,8 @@ class ImageSource(Protocol):
     def load(self, index: int) -> Any: ...
 
     def describe(self, index: int) -> str: ...
+
+    def key(self, index: int) -> str: ...
 
 
 class TensorSource:
@@ -53,19 +60,29 @@ class TensorSource:
     def describe(self, index: int) -> str:
         return f"{self.name}[{index}]"
 
+    def key(self, index: int) -> str:
+        """What the split files list: the index in the source."""
+        return str(index)
+
 
 class FileSource:
-    """Images on disk, decoded on access."""
+    """Images on disk under `root`, decoded on access as RGB (see `images.load_rgb`)."""
 
-    def __init__(self, paths: list[Path], targets: list[int]) -> None:
-        self.paths, self.targets = paths, targets
+    def __init__(
+        self, paths: list[Path], targets: list[int], root: Path, max_pixels: int = PIL_MAX_PIXELS
+    ) -> None:
+        self.paths, self.targets, self.root, self.max_pixels = paths, targets, root, max_pixels
+        self.name = str(root)
 
     def load(self, index: int) -> Image.Image:
-        with Image.open(self.paths[index]) as image:
-            return image.convert("RGB")
+        return load_rgb(self.paths[index], self.max_pixels)
 
     def describe(self, index: int) -> str:
         return str(self.paths[index])
+
+    def key(self, index: int) -> str:
+        """What the split files list: the path relative to data.root."""
+        return self.paths[index].relative_to(self.root).as_posix()
 
 
 @dataclass
@@ -91,6 +108,8 @@ class DataSplits:
     val: Split
     test: Split | None
     origin: str  # where the data came from, for messages
+    skipped: list[ImageCheck] = field(default_factory=list)  # bad files left out (data.skip_bad=true)
+    scan: FolderScan | None = None  # image folders: what the scan found
 
 
 class SplitDataset(Dataset):
@@ -123,6 +142,12 @@ def _stratified(
     return sorted(rest), sorted(held)
 
 
+def _hold_out(split: Split, fraction: float, seed: int, what: str) -> tuple[Split, Split]:
+    """A stratified `fraction` of a split's samples, held out: (rest, held out)."""
+    rest, held = _stratified(split.indices, split.labels().tolist(), fraction, seed, what)
+    return Split(split.source, rest, split.label_map), Split(split.source, held, split.label_map)
+
+
 def _digits(cfg: dict[str, Any]) -> DataSplits:
     from sklearn.datasets import load_digits
 
@@ -130,17 +155,13 @@ def _digits(cfg: dict[str, Any]) -> DataSplits:
     images = torch.from_numpy(np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)).unsqueeze(1)
     targets = [int(t) for t in digits.target]
     source = TensorSource(images, targets, "digits")
-    all_idx = list(range(len(targets)))
+    whole = Split(source, list(range(len(targets))))
     seed = int(cfg.get("split_seed", 0))
-    rest, test = _stratified(
-        all_idx, targets, float(cfg.get("test_fraction", 0.2)), seed, "data.test_fraction"
-    )
+    rest, test = _hold_out(whole, float(cfg.get("test_fraction", 0.2)), seed, "data.test_fraction")
     val_share = float(cfg.get("val_fraction", 0.2)) / (1.0 - float(cfg.get("test_fraction", 0.2)))
-    train, val = _stratified(rest, [targets[i] for i in rest], val_share, seed, "data.val_fraction")
+    train, val = _hold_out(rest, val_share, seed, "data.val_fraction")
     names = [str(n) for n in digits.target_names]
-    return DataSplits(
-        names, Split(source, train), Split(source, val), Split(source, test), "scikit-learn digits"
-    )
+    return DataSplits(names, train, val, test, "scikit-learn digits")
 
 
 class _LocalCIFAR10(CIFAR10):
@@ -207,89 +228,124 @@ def _cifar10(cfg: dict[str, Any]) -> DataSplits:
     )
 
 
-def _is_image(entry: os.DirEntry) -> bool:
-    return (
-        not entry.name.startswith(".") and entry.name.lower().endswith(IMAGE_EXTENSIONS) and entry.is_file()
-    )
-
-
-def _scan_split(split_dir: Path, class_names: list[str]) -> FileSource:
-    found = sorted(d.name for d in os.scandir(split_dir) if d.is_dir() and not d.name.startswith("."))
-    extra = sorted(set(found) - set(class_names))
-    if extra:
-        raise DataError(f"{split_dir} has class folders that train does not: {', '.join(extra)}")
-    paths, targets = [], []
-    for label, name in enumerate(class_names):
-        class_dir = split_dir / name
-        if not class_dir.is_dir():
-            continue
-        files = sorted(Path(e.path) for e in os.scandir(class_dir) if _is_image(e))
-        paths += files
-        targets += [label] * len(files)
-    if not paths:
-        raise DataError(f"{split_dir} holds no images (extensions: {', '.join(IMAGE_EXTENSIONS)})")
-    return FileSource(paths, targets)
-
-
-def _imagefolder(cfg: dict[str, Any]) -> DataSplits:
+def _imagefolder_root(cfg: dict[str, Any]) -> Path:
     if not cfg.get("root"):
         raise ConfigError(
-            "data=imagefolder needs data.root=/path/to/images (with train/, optional val/ and test/)"
+            "data=imagefolder needs data.root=/path/to/images (train/<class>/ with optional val/ and test/, "
+            "or <class>/ folders directly)"
         )
     root = Path(cfg["root"]).expanduser()
     if not root.is_dir():
         raise DataError(f"data.root={root} does not exist or is not a folder")
-    train_dir = root / "train"
-    if not train_dir.is_dir():
+    return root
+
+
+def bad_files_message(scan: FolderScan) -> str:
+    """The bad files (the first few, relative to data.root), what is wrong with each, and what to do."""
+    shown = [f"  {f.path.relative_to(scan.root)}: {f.problem}" for f in scan.bad[:_BAD_FILES_SHOWN]]
+    if len(scan.bad) > _BAD_FILES_SHOWN:
+        shown.append(f"  ... and {len(scan.bad) - _BAD_FILES_SHOWN} more")
+    return (
+        f"{len(scan.bad)} bad image file(s) under {scan.root}; the run stops before training:\n"
+        + "\n".join(shown)
+        + "\nRemove or replace them, or set data.skip_bad=true to train without them (they are then "
+        "listed in bad_files.txt in the run directory). To list them all: "
+        f"python -m transferlab.data.check data=imagefolder data.root={scan.root}"
+    )
+
+
+def _classes_with_images(scan: FolderScan, policy: str) -> list[str]:
+    """Train's classes; a class folder without usable images is an error, or dropped with a warning."""
+    if policy not in EMPTY_CLASS_POLICIES:
+        raise ConfigError(
+            f"data.empty_classes={policy!r} is not valid; choose one of: {', '.join(EMPTY_CLASS_POLICIES)}"
+        )
+    empty = scan.empty_classes("train")
+    if not empty:
+        return scan.class_names
+    where = scan.split_dir("train")
+    if policy == "error":
         raise DataError(
-            f"{train_dir} not found: data.root must hold train/<class>/<image> (and optionally val/, test/)"
+            f"class folder(s) {', '.join(empty)} in {where} hold no usable images. Add images, remove the "
+            "folder(s), or set data.empty_classes=drop to train without these classes."
         )
-    class_names = sorted(d.name for d in os.scandir(train_dir) if d.is_dir() and not d.name.startswith("."))
-    if not class_names:
-        raise DataError(f"{train_dir} has no class folders: expected train/<class>/<image>")
-    train_src = _scan_split(train_dir, class_names)
-    train = Split(train_src, list(range(len(train_src.targets))))
-    if (root / "val").is_dir():
-        val_src = _scan_split(root / "val", class_names)
-        val = Split(val_src, list(range(len(val_src.targets))))
-    else:
-        rest, held = _stratified(
-            train.indices,
-            train_src.targets,
-            float(cfg.get("val_fraction", 0.2)),
-            int(cfg.get("split_seed", 0)),
-            "data.val_fraction",
-        )
-        train, val = Split(train_src, rest), Split(train_src, held)
-        log.info(
-            "No %s: holding out a stratified %.0f%% of train for validation.",
-            root / "val",
-            100 * float(cfg.get("val_fraction", 0.2)),
-        )
-    test = None
-    if (root / "test").is_dir():
-        test_src = _scan_split(root / "test", class_names)
-        test = Split(test_src, list(range(len(test_src.targets))))
-    return DataSplits(class_names, train, val, test, str(root))
+    kept = [name for name in scan.class_names if name not in empty]
+    if len(kept) < 2:
+        raise DataError(f"{where}: fewer than 2 classes have usable images ({', '.join(kept) or 'none'})")
+    log.warning(
+        "Dropping class(es) without usable images in %s: %s (data.empty_classes=drop); "
+        "their images in other splits are left out too.",
+        where,
+        ", ".join(empty),
+    )
+    return kept
 
 
-_BUILDERS = {"digits": _digits, "cifar10": _cifar10, "imagefolder": _imagefolder}
+def _file_split(scan: FolderScan, split: str, class_names: list[str], max_pixels: int) -> Split:
+    paths, targets = [], []
+    for label, name in enumerate(class_names):
+        files = scan.images[split].get(name, [])
+        paths += [f.path for f in files]
+        targets += [label] * len(files)
+    if not paths:
+        raise DataError(
+            f"{scan.split_dir(split)} holds no usable images (extensions: {', '.join(IMAGE_EXTENSIONS)})"
+        )
+    return Split(FileSource(paths, targets, scan.root, max_pixels), list(range(len(paths))))
+
+
+def _imagefolder(cfg: dict[str, Any], scan: FolderScan | None = None) -> DataSplits:
+    root = _imagefolder_root(cfg)
+    max_pixels = int(cfg.get("max_image_pixels") or PIL_MAX_PIXELS)
+    if scan is None:
+        scan = scan_image_folder(root, str(cfg.get("scan") or "fast"), max_pixels)
+    if scan.bad and not cfg.get("skip_bad", False):
+        raise DataError(bad_files_message(scan))
+    if scan.bad:
+        log.warning(
+            "Skipping %d bad image file(s) under %s (data.skip_bad=true); bad_files.txt in the run "
+            "directory lists them.",
+            len(scan.bad),
+            root,
+        )
+    if scan.extra_classes:
+        split, extra = next(iter(scan.extra_classes.items()))
+        raise DataError(
+            f"{scan.split_dir(split)} has class folders that train does not: {', '.join(extra)}. Add them "
+            f"to {scan.split_dir('train')} too, or move them out of {scan.split_dir(split)}."
+        )
+    class_names = _classes_with_images(scan, str(cfg.get("empty_classes") or "error"))
+    splits = {name: _file_split(scan, name, class_names, max_pixels) for name in scan.images}
+    seed = int(cfg.get("split_seed", 0))
+    train, val, test = splits["train"], splits.get("val"), splits.get("test")
+    test_fraction = float(cfg.get("test_fraction") or 0.0)
+    val_fraction = float(cfg.get("val_fraction", 0.2))
+    if test is None and test_fraction > 0:
+        train, test = _hold_out(train, test_fraction, seed, "data.test_fraction")
+        val_fraction /= 1.0 - test_fraction  # both fractions are of the whole folder
+    if val is None:
+        train, val = _hold_out(train, val_fraction, seed, "data.val_fraction")
+        log.info("No val/ in %s: holding out a stratified part of the training images for validation.", root)
+    return DataSplits(class_names, train, val, test, str(root), skipped=list(scan.bad), scan=scan)
+
+
+_BUILDERS = {"digits": _digits, "cifar10": _cifar10}
+
+
+def _class_id(item: Any, class_names: list[str], key: str) -> int:
+    """A class given by name or integer id, as its source label id."""
+    if str(item) in class_names:
+        return class_names.index(str(item))
+    if isinstance(item, int) and not isinstance(item, bool) and 0 <= item < len(class_names):
+        return item
+    raise ConfigError(f"{key}: {item!r} is neither a class name nor an id. Classes: {', '.join(class_names)}")
 
 
 def resolve_classes(requested: list[Any] | None, class_names: list[str]) -> list[int]:
     """`data.classes` entries are class names or integer ids; returns source label ids in the given order."""
     if not requested:
         return list(range(len(class_names)))
-    chosen = []
-    for item in requested:
-        if str(item) in class_names:
-            chosen.append(class_names.index(str(item)))
-        elif isinstance(item, int) and 0 <= item < len(class_names):
-            chosen.append(item)
-        else:
-            raise ConfigError(
-                f"data.classes: {item!r} is neither a class name nor an id. Classes: {', '.join(class_names)}"
-            )
+    chosen = [_class_id(item, class_names, "data.classes") for item in requested]
     if len(set(chosen)) != len(chosen):
         raise ConfigError(f"data.classes lists a class twice: {requested}")
     if len(chosen) < 2:
@@ -314,6 +370,27 @@ def _few_shot(split: Split, shots: int, seed: int, class_names: list[str]) -> Sp
     return Split(split.source, sorted(kept), split.label_map)
 
 
+def _cut_classes(
+    split: Split, fractions: dict[Any, float], raw_names: list[str], label_map: dict[int, int], seed: int
+) -> Split:
+    """`data.class_fraction`: keep a fraction (at least one) of some classes' training images, chosen by `seed`."""
+    labels = split.labels()
+    rng = np.random.default_rng(seed)
+    dropped: set[int] = set()
+    for item, fraction in fractions.items():
+        source_id = _class_id(item, raw_names, "data.class_fraction")
+        if source_id not in label_map:
+            raise ConfigError(f"data.class_fraction: class {item!r} is not among the kept data.classes")
+        if not 0 < float(fraction) <= 1:
+            raise ConfigError(f"data.class_fraction: {item!r}: {fraction} must be in (0, 1]")
+        members = np.flatnonzero(labels == label_map[source_id])
+        keep = max(1, round(len(members) * float(fraction)))
+        dropped |= {split.indices[j] for j in members} - {
+            split.indices[j] for j in rng.choice(members, size=keep, replace=False)
+        }
+    return Split(split.source, [i for i in split.indices if i not in dropped], split.label_map)
+
+
 def _check_coverage(split: Split | None, split_name: str, class_names: list[str], origin: str) -> None:
     if split is None:
         return
@@ -323,16 +400,19 @@ def _check_coverage(split: Split | None, split_name: str, class_names: list[str]
     missing = [name for label, name in enumerate(class_names) if counts[label] == 0]
     if missing:
         raise DataError(
-            f"class(es) {', '.join(missing)} have no images in the {split_name} split of {origin}"
+            f"class(es) {', '.join(missing)} have no images in the {split_name} split of {origin}. Every "
+            f"class needs images in every split: add some (image folders: {split_name}/<class>/), or leave "
+            "the class out with data.classes=[...] (the classes to keep)."
         )
 
 
-def build_splits(cfg: dict[str, Any], seed: int = 0) -> DataSplits:
-    """Build the configured dataset's splits, keep `data.classes`, sample `data.shots`, and check them."""
+def build_splits(cfg: dict[str, Any], seed: int = 0, scan: FolderScan | None = None) -> DataSplits:
+    """Build the configured dataset's splits, keep `data.classes`, sample `data.shots`, cut classes to
+    `data.class_fraction`, and check them. `scan`: an image folder's scan when the caller already has it."""
     name = cfg.get("name")
-    if name not in _BUILDERS:
+    if name not in DATASETS:
         raise ConfigError(f"data.name={name!r} is not valid; choose one of: {', '.join(DATASETS)}")
-    raw = _BUILDERS[name](cfg)
+    raw = _imagefolder(cfg, scan) if name == "imagefolder" else _BUILDERS[name](cfg)
     chosen = resolve_classes(cfg.get("classes"), raw.class_names)
     label_map = {source: new for new, source in enumerate(chosen)}
     class_names = [raw.class_names[i] for i in chosen]
@@ -343,6 +423,10 @@ def build_splits(cfg: dict[str, Any], seed: int = 0) -> DataSplits:
         train = _few_shot(
             train, int(cfg["shots"]), int(seed if shots_seed is None else shots_seed), class_names
         )
+    if cfg.get("class_fraction"):  # the data stays fixed across run seeds: the cut follows split_seed
+        train = _cut_classes(
+            train, cfg["class_fraction"], raw.class_names, label_map, int(cfg.get("split_seed", 0))
+        )
     for split, split_name in ((train, "train"), (val, "val"), (test, "test")):
         _check_coverage(split, split_name, class_names, raw.origin)
-    return DataSplits(class_names, train, val, test, raw.origin)
+    return DataSplits(class_names, train, val, test, raw.origin, raw.skipped, raw.scan)

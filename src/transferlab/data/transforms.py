@@ -1,4 +1,7 @@
-"""Preprocessing that travels with the weights, and the train/eval transform pipelines built from it."""
+"""Preprocessing that travels with the weights, and the evaluation transform built from it.
+
+Training transforms (the `augment=` presets) are in `augment.py`.
+"""
 
 from __future__ import annotations
 
@@ -59,7 +62,7 @@ class Preprocessing:
         )
 
 
-def _interpolation(name: str) -> InterpolationMode:
+def interpolation_mode(name: str) -> InterpolationMode:
     try:
         return InterpolationMode(name.lower())
     except ValueError:
@@ -67,38 +70,19 @@ def _interpolation(name: str) -> InterpolationMode:
         raise ValueError(f"data.interpolation={name!r} is not valid; choose one of: {valid}") from None
 
 
-def _to_normalized_tensor(prep: Preprocessing) -> list[v2.Transform]:
+def normalize(prep: Preprocessing) -> list[v2.Transform]:
+    """uint8 image to float, normalised with the weights' mean and std."""
     return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(prep.mean), std=list(prep.std))]
-
-
-def train_transform(
-    prep: Preprocessing, crop_scale: tuple[float, float] = (0.5, 1.0), hflip: bool = True
-) -> v2.Compose:
-    """Light augmentation: random resized crop (+ horizontal flip), then the weights' normalisation."""
-    steps: list[v2.Transform] = [
-        v2.ToImage(),
-        v2.RGB(),  # grayscale (and RGBA) inputs become the 3 channels pretrained backbones expect
-        v2.RandomResizedCrop(
-            prep.crop_size,
-            scale=tuple(crop_scale),
-            interpolation=_interpolation(prep.interpolation),
-            antialias=True,
-        ),
-    ]
-    if hflip:
-        steps.append(v2.RandomHorizontalFlip())
-    return v2.Compose(steps + _to_normalized_tensor(prep))
 
 
 def eval_transform(prep: Preprocessing) -> v2.Compose:
     """Deterministic: resize, center crop, normalise; exactly what the weights were evaluated with."""
-    interpolation = _interpolation(prep.interpolation)
     return v2.Compose(
         [
             v2.ToImage(),
-            v2.RGB(),
-            v2.Resize(prep.resize_size, interpolation=interpolation, antialias=True),
+            v2.RGB(),  # grayscale inputs (digits) become the 3 channels pretrained backbones expect
+            v2.Resize(prep.resize_size, interpolation=interpolation_mode(prep.interpolation), antialias=True),
             v2.CenterCrop(prep.crop_size),
-            *_to_normalized_tensor(prep),
+            *normalize(prep),
         ]
     )

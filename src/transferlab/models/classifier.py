@@ -1,4 +1,4 @@
-"""The LightningModule: a backbone, a new head, cross-entropy, torchmetrics and the optimizer setup."""
+"""The LightningModule: a backbone, a new head, the loss (`losses.py`), torchmetrics and the optimizer setup."""
 
 from __future__ import annotations
 
@@ -8,15 +8,16 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn as nn
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import TensorBoardLogger
+from torch import nn
 from torchmetrics import MeanMetric
 
 from transferlab.errors import ConfigError
 from transferlab.finetune.freeze import freeze_plan, resolve_bn_mode, set_batchnorm_modes
 from transferlab.finetune.optim import StageParams, build_optimizer, build_scheduler, stage_lr_scales
 from transferlab.models.backbones import Backbone, build_backbone
+from transferlab.models.losses import ClassificationLoss
 from transferlab.models.metrics import classification_metrics, per_class_metrics
 from transferlab.models.stages import backbone_stages
 from transferlab.models.weights import load_pretrained
@@ -51,7 +52,7 @@ class ImageClassifier(L.LightningModule):
         self._classifier_prefix = built.classifier_prefix
         self.num_features = built.num_features
         self.head = instantiate(head, in_features=built.num_features, num_classes=num_classes)
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=(loss or {}).get("label_smoothing", 0.0))
+        self.criterion = ClassificationLoss.from_config(loss or {})
         self.train_metrics = classification_metrics(num_classes)
         self.val_metrics = classification_metrics(num_classes)
         self.test_metrics = classification_metrics(num_classes)
@@ -156,7 +157,8 @@ class ImageClassifier(L.LightningModule):
         images, targets = batch
         logits = self(images)
         loss = self.criterion(logits, targets)
-        metrics.update(logits.detach(), targets)
+        if targets.dim() == 1:  # mixup/cutmix batches have soft targets: no accuracy against them
+            metrics.update(logits.detach(), targets)
         if stage == "test":
             self.test_detail.update(logits.detach(), targets)
         prefix = self.test_split if stage == "test" else stage
@@ -186,6 +188,8 @@ class ImageClassifier(L.LightningModule):
 
     def _log_epoch_metrics(self, metrics, prefix: str) -> None:
         # compute() over the whole epoch (synced across processes): exact macro metrics, not batch means
+        if all(metric.update_count == 0 for metric in metrics.values()):
+            return  # an epoch of mixed batches only (mixup/cutmix): train metrics are not computed
         values = metrics.compute()
         self.log_dict({f"{prefix}/{k}": v for k, v in values.items()}, prog_bar=False)
         metrics.reset()

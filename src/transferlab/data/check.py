@@ -1,0 +1,142 @@
+"""Check data before training: `python -m transferlab.data.check data=imagefolder data.root=/data/skin`.
+
+Takes train.py's overrides, validates them as train.py does, scans and splits the data exactly as a
+training run would, prints what is there (images per split and class, image sizes and modes) and what
+is wrong (bad files, empty classes, classes missing from a split), and exits with 1 when training
+would stop, else 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+from transferlab.config import validate_train_config
+from transferlab.data.datasets import DataSplits, build_splits
+from transferlab.data.images import PIL_MAX_PIXELS
+from transferlab.data.scan import FolderScan, scan_image_folder
+from transferlab.errors import USER_ERRORS
+
+CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
+
+
+def train_config(overrides: list[str]) -> DictConfig:
+    """train.py's config with these overrides."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("train", overrides=overrides)
+
+
+def _relative(scan: FolderScan, path: Path) -> str:
+    return path.relative_to(scan.root).as_posix()
+
+
+def scan_report(scan: FolderScan) -> str:
+    """What the scan found: files per class and split, image sizes and modes, ignored and bad files."""
+    layout = (
+        "train/<class>/ (+ val/, test/)" if scan.layout == "splits" else "<class>/ (one folder, split by us)"
+    )
+    lines = [
+        f"Data: {scan.root}  layout: {layout}",
+        f"Scan ({scan.mode}): {scan.num_images()} images, {len(scan.bad)} bad files, "
+        f"{len(scan.ignored)} other entries ignored, in {scan.seconds:.1f}s",
+    ]
+    images = [f for classes in scan.images.values() for files in classes.values() for f in files]
+    if images:
+        widths, heights = [f.width for f in images], [f.height for f in images]
+        lines.append(
+            f"Image sizes (width x height): min {min(widths)}x{min(heights)}, "
+            f"median {statistics.median(widths):g}x{statistics.median(heights):g}, "
+            f"max {max(widths)}x{max(heights)}"
+        )
+        modes = Counter(f.mode for f in images)
+        lines.append("Modes: " + ", ".join(f"{mode} {n}" for mode, n in modes.most_common()))
+    lines.append("Images found per class (usable files, before any held-out split):")
+    lines += _table(
+        scan.class_names,
+        {split: {c: len(files) for c, files in cls.items()} for split, cls in scan.images.items()},
+    )
+    for split in scan.images:
+        if scan.empty_classes(split):
+            lines.append(f"Classes without usable images in {split}: {', '.join(scan.empty_classes(split))}")
+    for split, extra in scan.extra_classes.items():
+        lines.append(f"Class folders in {split} that train lacks: {', '.join(extra)}")
+    if scan.ignored:
+        shown = ", ".join(_relative(scan, p) for p in scan.ignored[:5])
+        lines.append(f"Ignored (not images by extension, or sub-folders): {len(scan.ignored)}, e.g. {shown}")
+    if scan.bad:
+        lines.append(f"Bad files ({len(scan.bad)}):")
+        lines += [f"  {_relative(scan, f.path)}: {f.problem}" for f in scan.bad]
+    return "\n".join(lines)
+
+
+def _table(class_names: list[str], counts: dict[str, dict[str, int]]) -> list[str]:
+    splits = list(counts)
+    width = max([5, *map(len, class_names)])
+    rows = ["  " + "class".ljust(width) + "".join(s.rjust(8) for s in splits)]
+    for name in class_names:
+        rows.append("  " + name.ljust(width) + "".join(str(counts[s].get(name, 0)).rjust(8) for s in splits))
+    return rows
+
+
+def splits_report(splits: DataSplits) -> str:
+    counts = {}
+    for name in ("train", "val", "test"):
+        split = getattr(splits, name)
+        if split is not None:
+            per_class = Counter(split.labels().tolist())
+            counts[name] = {c: per_class[i] for i, c in enumerate(splits.class_names)}
+    lines = [f"Splits as training would use them ({len(splits.class_names)} classes):"]
+    lines += _table(splits.class_names, counts)
+    if splits.skipped:
+        lines.append(
+            f"{len(splits.skipped)} bad files would be skipped (data.skip_bad=true) and listed in bad_files.txt"
+        )
+    return "\n".join(lines)
+
+
+def check(data: dict[str, Any], seed: int = 0) -> int:
+    """Print the report; 1 when training would stop on this data, else 0."""
+    scan = None
+    try:
+        if (
+            data.get("name") == "imagefolder"
+            and data.get("root")
+            and Path(data["root"]).expanduser().is_dir()
+        ):
+            max_pixels = int(data.get("max_image_pixels") or PIL_MAX_PIXELS)
+            scan = scan_image_folder(data["root"], str(data.get("scan") or "fast"), max_pixels)
+            print(scan_report(scan) + "\n")
+        splits = build_splits(data, seed=seed, scan=scan)
+    except USER_ERRORS as err:
+        print(f"Training would stop:\n{err}")
+        return 1
+    print(splits_report(splits) + "\nOK: training would start with this data.")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    overrides = sys.argv[1:] if argv is None else argv
+    if any(arg in ("-h", "--help") for arg in overrides):
+        print(__doc__)
+        return 0
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    cfg = train_config(overrides)
+    try:
+        validate_train_config(cfg)  # a bad key anywhere would stop training before the data is read
+        data = OmegaConf.to_container(cfg.data, resolve=True)
+    except (*USER_ERRORS, MissingMandatoryValue) as err:
+        print(f"Error: {err}")
+        return 1
+    return check(data, seed=int(cfg.seed))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""Class imbalance (`data.imbalance`): class weights for the loss, or sample weights for the sampler.
+
+- `class_weights`: cross-entropy weighted by N / (K * n_c) (scikit-learn's "balanced"): a class with
+  half the average count weighs twice as much; on the training data the mean weight per image is 1.
+- `sampler`: a `WeightedRandomSampler` draws each image with probability proportional to 1 / n_c, so
+  every class is drawn equally often in expectation; an epoch has as many draws as training images.
+- `focal`: the focal loss (`models/losses.py`, `loss.focal_gamma`), which down-weights easy images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import WeightedRandomSampler
+
+from transferlab.errors import ConfigError
+
+IMBALANCE_OPTIONS = ("none", "class_weights", "sampler", "focal")
+
+
+def check_imbalance(option: str) -> None:
+    if option not in IMBALANCE_OPTIONS:
+        raise ConfigError(
+            f"data.imbalance={option!r} is not valid; choose one of: {', '.join(IMBALANCE_OPTIONS)}"
+        )
+
+
+def class_weights(counts: Sequence[int]) -> list[float]:
+    """N / (K * n_c) for each class c; every class must have at least one image."""
+    counts = np.asarray(counts, dtype=np.float64)
+    if (counts <= 0).any():
+        raise ValueError(f"every class needs training images to weigh it; counts: {counts.tolist()}")
+    return (counts.sum() / (len(counts) * counts)).tolist()
+
+
+def balanced_sampler(labels: np.ndarray, num_classes: int) -> WeightedRandomSampler:
+    """Draws image i with probability proportional to 1 / n_{label(i)}, with replacement, len(labels) draws."""
+    counts = np.bincount(labels, minlength=num_classes)
+    weights = 1.0 / counts[labels]
+    return WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), len(labels), replacement=True)

@@ -1,0 +1,154 @@
+"""The scan before training: every file of an image folder checked once, header-only and in parallel.
+
+Training, `eval.py` and `python -m transferlab.data.check` start with it, so a corrupt file stops a
+run before its first step (or is skipped with `data.skip_bad=true`), never hours into it. The scan
+only sorts files; what to do about bad files and empty classes is decided in `datasets.py`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+from transferlab.data.images import PIL_MAX_PIXELS, ImageCheck, check_image, is_image_name
+from transferlab.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+SCAN_MODES = ("fast", "full")  # fast: headers (+ cheap checks); full: decode every file
+SPLIT_NAMES = ("train", "val", "test")
+_SERIAL_BELOW = 64  # files: fewer are checked in this thread (a pool costs more than it saves)
+
+
+def usable_cpu_count() -> int:
+    """CPUs this process may run on (a SLURM job or `taskset` gets fewer than the machine has)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def scan_threads() -> int:
+    """Threads overlap file-system latency (network disks, cold caches); header parsing holds the GIL."""
+    return min(32, 4 * usable_cpu_count())
+
+
+@dataclass
+class FolderScan:
+    """An image folder sorted into usable images per split and class, bad files and ignored files."""
+
+    root: Path
+    layout: str  # "splits": root/train/<class>/ (+ val/, test/); "single": root/<class>/, split by us
+    class_names: list[str]  # the class folders of train (layout "single": of root), sorted
+    images: dict[str, dict[str, list[ImageCheck]]]  # split -> class -> usable images, sorted by path
+    bad: list[ImageCheck] = field(default_factory=list)  # unusable files, each with its problem
+    ignored: list[Path] = field(default_factory=list)  # other extensions and sub-folders (not read)
+    extra_classes: dict[str, list[str]] = field(default_factory=dict)  # val/test folders train lacks
+    mode: str = "fast"
+    seconds: float = 0.0
+
+    def split_dir(self, split: str) -> Path:
+        return self.root if self.layout == "single" else self.root / split
+
+    def empty_classes(self, split: str) -> list[str]:
+        """Classes with no usable image in this split (folder missing, empty or holding only bad files)."""
+        return [name for name in self.class_names if not self.images[split].get(name)]
+
+    def num_images(self) -> int:
+        return sum(len(files) for classes in self.images.values() for files in classes.values())
+
+
+def _class_dirs(folder: Path) -> list[str]:
+    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+
+
+def _list_class_folder(folder: Path) -> tuple[list[Path], list[Path]]:
+    """(files named like images, other entries); hidden entries are neither."""
+    candidates, ignored = [], []
+    for entry in os.scandir(folder):
+        if entry.name.startswith("."):
+            continue
+        if not entry.is_dir() and is_image_name(entry.name):  # a broken link is a candidate: reported
+            candidates.append(Path(entry.path))
+        else:
+            ignored.append(Path(entry.path))
+    return sorted(candidates), sorted(ignored)
+
+
+def _layout(root: Path) -> str:
+    if (root / "train").is_dir():
+        return "splits"
+    if (root / "val").is_dir() or (root / "test").is_dir():
+        raise DataError(f"{root} has val/ or test/ but no train/: add {root / 'train'}/<class>/<image>")
+    if not _class_dirs(root):
+        raise DataError(
+            f"{root / 'train'} not found and {root} has no class folders: data.root must hold "
+            "train/<class>/<image> (optionally val/, test/), or <class>/<image> (split by us)"
+        )
+    return "single"
+
+
+def check_images(
+    paths: list[Path], full: bool = False, max_pixels: int = PIL_MAX_PIXELS, threads: int | None = None
+) -> list[ImageCheck]:
+    """`check_image` on every path, in parallel; results in the order of `paths`."""
+    check = partial(check_image, full=full, max_pixels=max_pixels)
+    if len(paths) < _SERIAL_BELOW:
+        return [check(path) for path in paths]
+    with ThreadPoolExecutor(threads or scan_threads()) as pool:
+        return list(pool.map(check, paths, chunksize=64))
+
+
+def scan_image_folder(
+    root: str | os.PathLike, mode: str = "fast", max_pixels: int = PIL_MAX_PIXELS
+) -> FolderScan:
+    """Find the layout and the classes, then check every image file (see `images.check_image`)."""
+    if mode not in SCAN_MODES:
+        raise ConfigError(f"data.scan={mode!r} is not valid; choose one of: {', '.join(SCAN_MODES)}")
+    started = time.monotonic()
+    root = Path(root).expanduser()
+    layout = _layout(root)
+    splits = ["train"] if layout == "single" else [s for s in SPLIT_NAMES if (root / s).is_dir()]
+    scan = FolderScan(root, layout, [], {}, mode=mode)
+    scan.class_names = _class_dirs(scan.split_dir("train"))
+    if not scan.class_names:
+        raise DataError(f"{scan.split_dir('train')} has no class folders: expected train/<class>/<image>")
+    candidates: list[tuple[str, str, Path]] = []
+    for split in splits:
+        found = _class_dirs(scan.split_dir(split))
+        extra = sorted(set(found) - set(scan.class_names))
+        if extra:
+            scan.extra_classes[split] = extra
+        scan.images[split] = {}
+        for name in found:
+            files, ignored = _list_class_folder(scan.split_dir(split) / name)
+            scan.ignored += ignored
+            scan.images[split][name] = []
+            candidates += [(split, name, path) for path in files]
+        scan.ignored += sorted(  # files outside class folders are not used
+            Path(e.path)
+            for e in os.scandir(scan.split_dir(split))
+            if not e.is_dir() and not e.name.startswith(".")
+        )
+    results = check_images([path for _, _, path in candidates], full=mode == "full", max_pixels=max_pixels)
+    for (split, name, _), result in zip(candidates, results, strict=True):
+        if result.problem is None:
+            scan.images[split][name].append(result)
+        else:
+            scan.bad.append(result)
+    scan.seconds = time.monotonic() - started
+    log.info(
+        "Scanned %s (%s): %d images, %d bad, %d other files ignored, in %.1fs",
+        root,
+        mode,
+        scan.num_images(),
+        len(scan.bad),
+        len(scan.ignored),
+        scan.seconds,
+    )
+    return scan

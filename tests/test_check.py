@@ -1,0 +1,57 @@
+"""`python -m transferlab.data.check`: the report and the exit status say whether training would start."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from tests.conftest import ROOT, write_hostile_folder, write_image_folder
+from transferlab.data.check import main
+
+
+def test_hostile_folder_lists_counts_sizes_modes_and_every_bad_file(tmp_path, capsys):
+    expected = write_hostile_folder(tmp_path)
+    assert main(["data=imagefolder", f"data.root={tmp_path}"]) == 1
+    out = capsys.readouterr().out
+    for path in expected:
+        assert f"  {path}: " in out
+    assert "Bad files (5):" in out and "Training would stop" in out
+    assert "Image sizes (width x height): min 12x12" in out and "Modes: RGB 21" in out
+    assert "  a           7       2       2" in out  # per split and class: usable images found
+    assert "train/a/notes.txt" in out  # ignored files are shown
+
+
+def test_skip_bad_makes_it_pass_and_reports_the_splits(tmp_path, capsys):
+    write_hostile_folder(tmp_path)
+    assert main(["data=imagefolder", f"data.root={tmp_path}", "data.skip_bad=true"]) == 0
+    out = capsys.readouterr().out
+    assert "5 bad files would be skipped" in out and "OK: training would start" in out
+
+
+def test_empty_class_and_missing_val_class_fail(tmp_path, capsys):
+    write_image_folder(tmp_path, {"train": {"a": 3, "b": 3}, "val": {"a": 1}})
+    (tmp_path / "train" / "c").mkdir()
+    assert main(["data=imagefolder", f"data.root={tmp_path}"]) == 1
+    out = capsys.readouterr().out
+    assert "Classes without usable images in train: c" in out and "class folder(s) c" in out
+    assert main(["data=imagefolder", f"data.root={tmp_path}", "data.empty_classes=drop"]) == 1
+    assert "class(es) b have no images in the val split" in capsys.readouterr().out
+
+
+def test_in_memory_data_and_bad_options(capsys):
+    assert main(["data=digits"]) == 0
+    out = capsys.readouterr().out
+    assert "Splits as training would use them (10 classes)" in out and "OK" in out
+    assert main(["data=imagefolder"]) == 1  # data.root missing
+    assert "data.root" in capsys.readouterr().out
+    assert main(["data=digits", "data.imbalance=oversample"]) == 1
+    assert "data.imbalance='oversample' is not valid; choose one of" in capsys.readouterr().out
+    assert main(["data=digits", "augment=randaugment", "augment.magnitude=40"]) == 1  # train.py would stop
+    assert "augment.magnitude=40 must be in 0..30" in capsys.readouterr().out
+
+
+def test_runs_as_a_module_with_the_exit_status(tmp_path):
+    write_hostile_folder(tmp_path)
+    command = [sys.executable, "-m", "transferlab.data.check", "data=imagefolder", f"data.root={tmp_path}"]
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "train/b/cut.png" in proc.stdout
