@@ -142,7 +142,9 @@ def test_bad_num_workers_name_the_key():
 @pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")  # 16 CPUs are mocked
 def test_loaders_keep_workers_alive_and_pin_memory_only_for_a_gpu():
     dm = TransferDataModule({**DIGITS, "batch_size": 8, "num_workers": 1}, TINY)
-    cpu = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")), num_devices=1, world_size=1)
+    cpu = SimpleNamespace(
+        strategy=SimpleNamespace(root_device=torch.device("cpu")), num_devices=1, world_size=1
+    )
     dm.trainer = cpu
     loader = dm.val_dataloader()
     assert loader.num_workers == 1 and loader.persistent_workers and not loader.pin_memory
