@@ -1,7 +1,7 @@
 """How long the pre-training scan takes: `make bench` or `python benchmarks/scan_folder.py --images 100000`.
 
 Writes N small images (half PNG, half JPEG, in 10 class folders) into a temporary folder, then times
-`scan_image_folder` in fast and full mode, with the thread pool and with one thread. The files were
+`scan_image_folder` in fast and full mode, with the process pool and in one process. The files were
 just written, so they are in the page cache: this measures the scan's own cost, not a cold disk.
 """
 
@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from transferlab.data import scan
-from transferlab.data.scan import scan_image_folder, scan_threads, usable_cpu_count
+from transferlab.data.scan import scan_image_folder, scan_processes, usable_cpu_count
 
 
 def write_images(root: Path, count: int, size: int) -> None:
@@ -49,14 +49,14 @@ def main() -> None:
         print(
             f"wrote {args.images} images of {args.size}x{args.size} in {time.perf_counter() - started:.1f}s"
         )
-        print(f"usable CPUs: {usable_cpu_count()}, scan threads: {scan_threads()}")
+        print(f"usable CPUs: {usable_cpu_count()}, scan processes: {scan_processes()}")
         for mode in ("fast", "full"):
             pooled = timed(root, mode)
-            with mock.patch.object(scan, "scan_threads", return_value=1):
+            with mock.patch.object(scan, "scan_processes", return_value=1):
                 single = timed(root, mode)
             print(
-                f"scan={mode}: {pooled:.1f}s with {scan_threads()} threads "
-                f"({1e6 * pooled / args.images:.0f} us/image), {single:.1f}s with 1 thread"
+                f"scan={mode}: {pooled:.1f}s with {scan_processes()} processes "
+                f"({1e6 * pooled / args.images:.0f} us/image), {single:.1f}s in one process"
             )
 
 

@@ -63,11 +63,11 @@ def test_skip_bad_leaves_them_out_and_keeps_the_list(tmp_path):
 
 
 def test_many_files_are_checked_in_parallel_with_the_same_results(tmp_path):
-    expected = write_hostile_folder(tmp_path, per_class=40)  # > the serial threshold: a thread pool
-    scan = scan_image_folder(tmp_path)
-    assert set(relative_bad(scan)) == set(expected)
+    expected = write_hostile_folder(tmp_path, per_class=40)
     paths = sorted(tmp_path.rglob("*.*"))
-    assert check_images(paths, threads=4) == [check_image(p) for p in paths]
+    pooled = check_images(paths, processes=2, serial_below=0, chunk_size=7)  # chunks: order kept
+    assert pooled == [check_image(p) for p in paths]
+    assert set(relative_bad(scan_image_folder(tmp_path))) == set(expected)
 
 
 def test_damage_that_only_a_full_decode_finds(tmp_path):
