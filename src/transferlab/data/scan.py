@@ -37,7 +37,7 @@ def usable_cpu_count() -> int:
 
 def scan_processes() -> int:
     """Header parsing holds the GIL (measured: threads made a warm 100k scan 2-3x slower), so
-    processes, one per usable CPU; 1 where `fork` is missing (macOS and Windows spawn, which would
+    processes, one per usable CPU; 1 where `fork` is missing (Windows: spawn would
     re-import the user's script in every worker)."""
     if "fork" not in multiprocessing.get_all_start_methods() or multiprocessing.current_process().daemon:
         return 1  # a daemonic process (e.g. a DataLoader worker) may not start children
