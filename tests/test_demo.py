@@ -26,7 +26,7 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
         "trainer.limit_val_batches=1",
         "trainer.limit_test_batches=1",
     ]
-    main(["--out", str(out), *tiny])
+    main(["--out", str(out), "--seeds", "42", "--shots", "3", *tiny])
     report = (out / "results.md").read_text()
     for method in (
         "full fine-tune (`full`)",
@@ -34,7 +34,7 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
         "from scratch (random init) (`scratch`)",
     ):
         assert f"| {method} |" in report
-    assert "5 labelled images per class" in report
+    assert "3 labelled images per class" in report
     assert (out / "full_seed42" / "metrics.json").is_file()
     assert "Loaded backbone weights from" in (out / "full_seed42.log").read_text()
     with pytest.raises(SystemExit, match="already holds demo runs"):

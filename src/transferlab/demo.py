@@ -5,7 +5,7 @@
 3. compare with a linear probe of the same backbone and with the same network trained from scratch.
 Each step is a plain `python train.py experiment=...` run; the table goes to stdout and results.md.
 
-    python -m transferlab.demo [--seeds 1 2 3] [--out outputs/demo/NAME] [-- extra overrides]
+    python -m transferlab.demo [--seeds 1 2 3] [--shots 2] [--out outputs/demo/NAME] [-- extra overrides]
 """
 
 from __future__ import annotations
@@ -104,7 +104,10 @@ def summarise(results: dict[str, list[dict]]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--seeds", type=int, nargs="+", default=[42], help="one target-task run per seed and method"
+        "--seeds", type=int, nargs="+", default=[1, 2, 3], help="one target-task run per seed and method"
+    )
+    parser.add_argument(
+        "--shots", type=int, default=None, help="labelled images per target class (default: the recipe's, 2)"
     )
     parser.add_argument(
         "--methods",
@@ -131,6 +134,8 @@ def main(argv: list[str] | None = None) -> None:
         label, experiment, overrides = TARGET_METHODS[slug]
         for seed in args.seeds:
             filled = [o.format(pretrained=pretrained) for o in overrides]
+            if args.shots is not None:
+                filled.append(f"data.shots={args.shots}")
             run = run_train(
                 out / f"{slug}_seed{seed}", experiment, [*filled, f"seed={seed}", *args.overrides]
             )
