@@ -47,11 +47,10 @@ def build_datamodule(
 def loss_config(cfg: DictConfig, datamodule: TransferDataModule) -> dict[str, Any]:
     """`loss.*` plus what `data.imbalance` asks of the loss: class weights from the training counts, or
     the focal loss. (`sampler` changes what the loader draws, not the loss.)"""
-    imbalance = cfg.data.get("imbalance") or "none"
     return {
         **to_plain(cfg.loss),
-        "name": "focal" if imbalance == "focal" else "cross_entropy",
-        "class_weights": datamodule.class_weights() if imbalance == "class_weights" else None,
+        "name": "focal" if datamodule.imbalance == "focal" else "cross_entropy",
+        "class_weights": datamodule.class_weights() if datamodule.imbalance == "class_weights" else None,
     }
 
 
