@@ -87,14 +87,8 @@ def _table(class_names: list[str], counts: dict[str, dict[str, int]]) -> list[st
 
 
 def splits_report(splits: DataSplits) -> str:
-    counts = {}
-    for name in ("train", "val", "test"):
-        split = getattr(splits, name)
-        if split is not None:
-            per_class = Counter(split.labels().tolist())
-            counts[name] = {c: per_class[i] for i, c in enumerate(splits.class_names)}
     lines = [f"Splits as training would use them ({len(splits.class_names)} classes):"]
-    lines += _table(splits.class_names, counts)
+    lines += _table(splits.class_names, splits.class_counts())
     if splits.skipped:
         lines.append(
             f"{len(splits.skipped)} bad files would be skipped (data.skip_bad=true) and listed in bad_files.txt"

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, RandomSampler
 
@@ -93,13 +92,7 @@ class TransferDataModule(L.LightningDataModule):
     def class_counts(self) -> dict[str, dict[str, int]]:
         """Images per class in each split: {split: {class name: count}}."""
         self.setup()
-        counts = {}
-        for name in SPLITS:
-            split = getattr(self.splits, name)
-            if split is not None:
-                per_class = np.bincount(split.labels(), minlength=len(self.splits.class_names))
-                counts[name] = dict(zip(self.splits.class_names, per_class.tolist(), strict=True))
-        return counts
+        return self.splits.class_counts()
 
     def class_weights(self) -> list[float]:
         """Loss weights N / (K * n_c) from the training counts (`data.imbalance=class_weights`)."""

@@ -111,6 +111,16 @@ class DataSplits:
     skipped: list[ImageCheck] = field(default_factory=list)  # bad files left out (data.skip_bad=true)
     scan: FolderScan | None = None  # image folders: what the scan found
 
+    def class_counts(self) -> dict[str, dict[str, int]]:
+        """Images per class in each split: {split: {class name: count}}."""
+        counts = {}
+        for name in ("train", "val", "test"):
+            split = getattr(self, name)
+            if split is not None:
+                per_class = np.bincount(split.labels(), minlength=len(self.class_names))
+                counts[name] = dict(zip(self.class_names, per_class.tolist(), strict=True))
+        return counts
+
 
 class SplitDataset(Dataset):
     """A split with its transform applied: yields (image tensor, label)."""
