@@ -1,21 +1,9 @@
 """Evaluate a checkpoint on a split: `python eval.py ckpt_path=outputs/runs/.../checkpoints/best.ckpt`.
 
-Thin entry point: Hydra composes conf/eval.yaml; transferlab.evaluation does the work.
+The same Hydra app as `transferlab eval` (transferlab/tools/eval.py, conf/eval.yaml).
 """
 
-import hydra
-from omegaconf import DictConfig
-
-import transferlab.rundir  # noqa: F401  (registers the run-directory resolver before Hydra composes)
-from transferlab.errors import exit_on_user_error
-from transferlab.evaluation import evaluate
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="eval")
-@exit_on_user_error
-def main(cfg: DictConfig) -> None:
-    evaluate(cfg)
-
+from transferlab.tools.eval import main
 
 if __name__ == "__main__":
     main()

@@ -1,25 +1,9 @@
 """Fine-tune a pretrained image classifier: `python train.py backbone=resnet50 optim=sgd`.
 
-Thin entry point: Hydra composes conf/train.yaml; transferlab.training does the work.
+The same Hydra app as `transferlab train` (transferlab/tools/train.py, conf/train.yaml).
 """
 
-import hydra
-from omegaconf import DictConfig
-
-import transferlab.rundir  # noqa: F401  (registers the run-directory resolver before Hydra composes)
-from transferlab.errors import exit_on_user_error
-from transferlab.resume import command_line_overrides, resume_config
-from transferlab.training import train
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
-@exit_on_user_error
-def main(cfg: DictConfig) -> float | None:
-    if cfg.get("resume"):  # continue that run: its saved config, its last.ckpt, its directory
-        cfg = resume_config(cfg, command_line_overrides())
-    metrics = train(cfg)
-    return metrics.get(cfg.optimized_metric)  # what sweepers (e.g. Optuna) optimise
-
+from transferlab.tools.train import main
 
 if __name__ == "__main__":
     main()

@@ -19,15 +19,13 @@ from typing import Any
 
 import lightning as L
 import torch
-from hydra import compose, initialize_config_dir
 from torch.utils.data import DataLoader, TensorDataset
 
-from transferlab.config import to_plain
-from transferlab.models.backbones import preprocessing_for
+from transferlab.build import build_model, preprocessing_for
+from transferlab.config import compose_config, parse_train_config
+from transferlab.config.schema import ModelConfig
 from transferlab.models.classifier import ImageClassifier
-from transferlab.speed import apply_speed_options
-
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+from transferlab.models.speed import apply_speed_options
 
 
 class StepTimer(L.Callback):
@@ -57,20 +55,12 @@ class StepTimer(L.Callback):
         self.seconds = time.perf_counter() - self.start
 
 
-def build_model(backbone: str, num_classes: int) -> ImageClassifier:
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
-        cfg = compose("train", overrides=[f"backbone={backbone}", "backbone.weights=null", "scheduler=none"])
-    preprocessing = preprocessing_for(cfg.backbone.source, cfg.backbone.name, None)
-    return ImageClassifier(
-        backbone=to_plain(cfg.backbone),
-        head=to_plain(cfg.head),
-        num_classes=num_classes,
-        class_names=[str(i) for i in range(num_classes)],
-        optim=to_plain(cfg.optim),
-        scheduler=to_plain(cfg.scheduler),
-        freeze=to_plain(cfg.freeze),
-        preprocessing=preprocessing.to_dict(),
-    )
+def benchmark_model(backbone: str, num_classes: int) -> ImageClassifier:
+    """The training run's model (conf/train.yaml with this backbone), random init: weights do not change speed."""
+    overrides = [f"backbone={backbone}", "backbone.weights=null", "scheduler=none", "paths.output_dir=."]
+    config = parse_train_config(compose_config("train", overrides))
+    names = [str(i) for i in range(num_classes)]
+    return build_model(config, names, preprocessing_for(config.backbone, config.data), loss=None)
 
 
 def measure(args: argparse.Namespace, precision: str) -> dict[str, Any]:
@@ -79,8 +69,8 @@ def measure(args: argparse.Namespace, precision: str) -> dict[str, Any]:
     images = torch.randn(args.batch_size * steps, 3, args.image_size, args.image_size)
     labels = torch.randint(0, args.num_classes, (len(images),))
     loader = DataLoader(TensorDataset(images, labels), batch_size=args.batch_size, pin_memory=True)
-    model = build_model(args.backbone, args.num_classes)
-    apply_speed_options(model, {"channels_last": args.channels_last, "compile": args.compile})
+    model = benchmark_model(args.backbone, args.num_classes)
+    apply_speed_options(model, ModelConfig(compile=args.compile, channels_last=args.channels_last))
     timer = StepTimer(args.warmup)
     trainer = L.Trainer(
         accelerator=args.accelerator,

@@ -8,14 +8,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from PIL import Image
 
-import transferlab.rundir  # noqa: F401  (registers ${run_uid:})
+from transferlab.build import check_run_inputs
+from transferlab.config import compose_config as compose
+from transferlab.config import parse_group, parse_train_config
+from transferlab.config.schema import DataConfig, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF_DIR = ROOT / "conf"
+CONF_DIR = ROOT / "src" / "transferlab" / "conf"
 
 os.environ.setdefault("TRANSFERLAB_OFFLINE", "1")  # tests never download
 
@@ -38,9 +40,50 @@ def compose_config(
     overrides: list[str], output_dir: Path | None = None, config_name: str = "train", with_hydra: bool = False
 ) -> DictConfig:
     """The composed config; with_hydra: with its `hydra` node (launcher, run dir) as Hydra's callbacks see it."""
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
-        extra = [f"paths.output_dir={output_dir}"] if output_dir is not None else []
-        return compose(config_name, overrides=overrides + extra, return_hydra_config=with_hydra)
+    extra = [f"paths.output_dir={output_dir}"] if output_dir is not None else []
+    return compose(config_name, overrides + extra, with_hydra=with_hydra)
+
+
+def data_config(values: dict) -> DataConfig:
+    """A data config as the schema makes it (defaults of the dataset named in `values`)."""
+    return parse_group("data", values)
+
+
+def validate(cfg: DictConfig) -> TrainConfig:
+    """What a training run checks before it reads any data."""
+    config = parse_train_config(cfg)
+    check_run_inputs(config)
+    return config
+
+
+def run_tool(tool: str, *overrides: str) -> int:
+    """`transferlab <tool> overrides...` in this process (Hydra's command-line path, without a process
+    start-up); the exit status: 0, or what the tool exited with."""
+    import importlib
+    import logging
+    import sys
+    from unittest import mock
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    main = importlib.import_module(f"transferlab.tools.{tool}").main
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    GlobalHydra.instance().clear()
+    try:
+        with mock.patch.object(sys, "argv", [f"transferlab-{tool}", *overrides]):
+            main()
+    except SystemExit as exit_:
+        if isinstance(exit_.code, str):  # what Python prints for an uncaught SystemExit("message")
+            print(exit_.code, file=sys.stderr)
+        return exit_.code if isinstance(exit_.code, int) else 1
+    finally:  # Hydra configured logging for the run: give pytest its handlers back
+        GlobalHydra.instance().clear()
+        for handler in root.handlers:
+            if handler not in handlers:
+                handler.close()
+        root.handlers[:], root.level = handlers, level
+    return 0
 
 
 @pytest.fixture

@@ -6,9 +6,10 @@ import pytest
 import torch
 from torchvision.transforms import v2
 
-from tests.conftest import compose_config
-from transferlab.config import validate_train_config
-from transferlab.data.augment import PRESETS, MixingCollate, batch_mixer, check_augment, train_transform
+from tests.conftest import compose_config, data_config, validate
+from transferlab.config import parse_group
+from transferlab.config.store import OPTIONS
+from transferlab.data.augment import MixingCollate, batch_mixer, train_transform
 from transferlab.data.datamodule import TransferDataModule
 from transferlab.data.transforms import Preprocessing, eval_transform
 from transferlab.errors import ConfigError
@@ -18,15 +19,11 @@ TINY = Preprocessing(crop_size=16, resize_size=18)
 DIGITS = {"name": "digits", "split_seed": 0, "val_fraction": 0.2, "test_fraction": 0.2, "num_workers": 0}
 
 
-def preset(name: str, **extra) -> dict:
-    return {
-        "name": name,
-        "crop_scale": [0.5, 1.0],
-        "hflip": True,
-        "mixup_alpha": 0.0,
-        "cutmix_alpha": 0.0,
-        **extra,
-    }
+PRESETS = tuple(OPTIONS["augment"])
+
+
+def preset(name: str, **extra):
+    return parse_group("augment", {"name": name, **extra})
 
 
 def kinds(pipeline: v2.Compose) -> list[type]:
@@ -68,7 +65,9 @@ def test_digits_keep_their_recipe_after_the_move(tmp_path):
     assert cfg.augment.name == "basic" and cfg.augment.hflip is True
     assert cfg.data.allow_hflip is False and cfg.data.min_crop_scale == 0.8
     dm = TransferDataModule(
-        {**DIGITS, "allow_hflip": False, "min_crop_scale": 0.8}, TINY, augment=dict(cfg.augment)
+        data_config({**DIGITS, "allow_hflip": False, "min_crop_scale": 0.8}),
+        TINY,
+        augment=parse_group("augment", cfg.augment),
     )
     pipeline = dm.train_dataloader().dataset.transform
     assert v2.RandomHorizontalFlip not in kinds(pipeline)
@@ -93,7 +92,7 @@ def test_digits_keep_their_recipe_after_the_move(tmp_path):
 def test_bad_augment_values_name_the_key(override, pattern, tmp_path):
     cfg = compose_config(["backbone.weights=null", *override.split()], tmp_path)
     with pytest.raises(ConfigError, match=pattern):
-        validate_train_config(cfg)
+        validate(cfg)
 
 
 def test_mixup_and_cutmix_make_soft_targets_that_sum_to_one():
@@ -116,7 +115,7 @@ def test_mixup_and_cutmix_make_soft_targets_that_sum_to_one():
 @pytest.mark.parametrize("name", PRESETS)
 def test_evaluation_never_augments_whatever_the_preset(name):
     augment = preset(name, mixup_alpha=0.2, cutmix_alpha=1.0)
-    dm = TransferDataModule({**DIGITS, "batch_size": 8}, TINY, augment=augment)
+    dm = TransferDataModule(data_config({**DIGITS, "batch_size": 8}), TINY, augment=augment)
     for loader in (dm.val_dataloader(), dm.test_dataloader(), dm.split_dataloader("train")):
         assert kinds(loader.dataset.transform) == kinds(eval_transform(TINY))
         assert not isinstance(loader.collate_fn, MixingCollate)
@@ -129,7 +128,7 @@ def test_evaluation_never_augments_whatever_the_preset(name):
 
 def test_mixup_batches_reach_the_loader(tmp_path):
     dm = TransferDataModule(
-        {**DIGITS, "batch_size": 8}, TINY, augment=preset("trivialaugment", mixup_alpha=0.4)
+        data_config({**DIGITS, "batch_size": 8}), TINY, augment=preset("trivialaugment", mixup_alpha=0.4)
     )
     images, targets = next(iter(dm.train_dataloader()))
     assert images.shape == (8, 3, 16, 16) and targets.shape == (8, 10)
@@ -159,4 +158,4 @@ def test_a_run_with_mixup_cutmix_and_label_smoothing(fast_cfg, tmp_path):
 
 def test_check_augment_accepts_every_shipped_preset(tmp_path):
     for name in PRESETS:
-        check_augment(dict(compose_config([f"augment={name}"], tmp_path).augment))
+        assert parse_group("augment", compose_config([f"augment={name}"], tmp_path).augment).name == name

@@ -1,12 +1,15 @@
-"""`python -m transferlab.data.check`: the report and the exit status say whether training would start."""
+"""`transferlab check`: the report and the exit status say whether training would start."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 
-from tests.conftest import ROOT, write_hostile_folder, write_image_folder
-from transferlab.data.check import main
+from tests.conftest import run_tool, write_hostile_folder, write_image_folder
+
+
+def main(overrides: list[str]) -> int:
+    return run_tool("check", *overrides)
 
 
 def test_hostile_folder_lists_counts_sizes_modes_and_every_bad_file(tmp_path, capsys):
@@ -50,8 +53,17 @@ def test_in_memory_data_and_bad_options(capsys):
     assert "augment.magnitude=40 must be in 0..30" in capsys.readouterr().out
 
 
-def test_runs_as_a_module_with_the_exit_status(tmp_path):
-    write_hostile_folder(tmp_path)
-    command = [sys.executable, "-m", "transferlab.data.check", "data=imagefolder", f"data.root={tmp_path}"]
-    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1 and "train/b/cut.png" in proc.stdout
+def test_runs_from_anywhere_as_an_installed_command_with_the_exit_status(tmp_path):
+    """Its configs come from the package, not from a checkout: run it from a folder that has no conf/."""
+    write_hostile_folder(tmp_path / "data")
+    command = [
+        sys.executable,
+        "-m",
+        "transferlab",
+        "check",
+        "data=imagefolder",
+        f"data.root={tmp_path / 'data'}",
+    ]
+    proc = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "train/b/cut.png" in proc.stdout, proc.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # it wrote nothing

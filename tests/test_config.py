@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
+
 import pytest
-from hydra.errors import MissingConfigException
+import yaml
+from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 
-from tests.conftest import CONF_DIR, compose_config
-from transferlab.config import validate_train_config
+from tests.conftest import CONF_DIR, compose_config, validate
+from transferlab.config import parse_group
+from transferlab.config.schema import (
+    AUTOAUGMENT_POLICIES,
+    INTERPOLATIONS,
+    Cifar10Config,
+    CosineScheduleConfig,
+)
+from transferlab.config.store import OPTIONS
 from transferlab.errors import ConfigError
 
 NEEDS = {  # options that need a value the user must give
@@ -16,14 +27,12 @@ NEEDS = {  # options that need a value the user must give
     ("data", "imagefolder"): ["data.root=/nonexistent"],
     ("experiment", "digits_finetune"): ["backbone.weights=null"],
 }
-NOT_FOR_TRAIN = {("data", "from_checkpoint")}
 
 
 def group_options():
     for group_dir in sorted(p for p in CONF_DIR.iterdir() if p.is_dir()):
         for option in sorted(group_dir.glob("*.yaml")):
-            if (group_dir.name, option.stem) not in NOT_FOR_TRAIN:
-                yield group_dir.name, option.stem
+            yield group_dir.name, option.stem
 
 
 @pytest.mark.parametrize(("group", "option"), list(group_options()))
@@ -32,7 +41,7 @@ def test_every_group_option_composes_and_validates(group, option, tmp_path):
     cfg = compose_config(overrides, tmp_path)
     assert OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
     if group != "hydra":
-        validate_train_config(cfg)
+        validate(cfg)
 
 
 @pytest.mark.parametrize("group", [p.name for p in CONF_DIR.iterdir() if p.is_dir()])
@@ -57,19 +66,19 @@ def test_unknown_group_option_lists_valid_choices(group, tmp_path):
 def test_unknown_torchvision_model_name_lists_models(tmp_path):
     cfg = compose_config(["backbone=torchvision", "backbone.name=resnet_1000"], tmp_path)
     with pytest.raises(ConfigError, match="backbone.name='resnet_1000'.*Valid names:.*resnet50"):
-        validate_train_config(cfg)
+        validate(cfg)
 
 
 def test_unknown_weights_name_lists_weights(tmp_path):
     cfg = compose_config(["backbone=resnet50", "backbone.weights=IMAGENET1K_V9"], tmp_path)
     with pytest.raises(ConfigError, match="IMAGENET1K_V9.*IMAGENET1K_V1, IMAGENET1K_V2"):
-        validate_train_config(cfg)
+        validate(cfg)
 
 
 def test_missing_weights_file_names_the_path(tmp_path):
     cfg = compose_config([f"backbone.weights={tmp_path}/nope.pth"], tmp_path)
     with pytest.raises(ConfigError, match="nope.pth: no such file"):
-        validate_train_config(cfg)
+        validate(cfg)
 
 
 @pytest.mark.parametrize(
@@ -87,19 +96,106 @@ def test_missing_weights_file_names_the_path(tmp_path):
         ),
         ("freeze=partial freeze.trainable_blocks=-1", "freeze.trainable_blocks=-1 must be an integer >= 0"),
         ("optim.layer_decay=1.5", r"optim.layer_decay=1.5 must be in \(0, 1\]"),
-        ("optim.layer_decay=0", r"optim.layer_decay=0 must be in \(0, 1\]"),
+        ("optim.layer_decay=0", r"optim.layer_decay=0.0 must be in \(0, 1\]"),
         ("optim.backbone_lr_mult=-0.1", "optim.backbone_lr_mult=-0.1 must be a number >= 0"),
-        ("tune.min_lr=1", "tune.min_lr=1 and tune.max_lr=1.0"),
+        ("tune.min_lr=1", "tune.min_lr=1.0 and tune.max_lr=1.0"),
         ("optim.lr=-1", "optim.lr=-1"),
         ("data.name=mnist", "data.name='mnist'.*digits, cifar10, imagefolder"),
         ("data.shots=0", "data.shots=0"),
         ("loss.label_smoothing=1.5", "loss.label_smoothing=1.5"),
         ("optim._target_=torch.optim.Nope", "optim._target_='torch.optim.Nope'"),
         ("optimized_mode=maximum", "optimized_mode='maximum' is not valid; choose one of: max, min"),
-        ("model.compile=yes", "model.compile='yes' must be true or false"),
+        ("model.compile=maybe", "model.compile"),
+        ("data.batch_size=many", "data.batch_size"),
+        ("data.interpolation=cubic", "data.interpolation='cubic'.*bilinear, bicubic"),
+        ("+data.batchsize=8", "data.batchsize is not a key of data=digits; its keys are: name, root"),
+        ("+optim.lrr=0.1", "optim.lrr is not a key of optim=sgd"),
+        ("+seedd=1", "seedd is not a key of train.yaml"),
+        ("+trainer.max_epoch=3", "trainer.max_epoch is not an argument of lightning.Trainer"),
+        ("trainer.max_epochs=-2", r"trainer.max_epochs=-2 must be an integer >= 0 \(or -1"),
+        ("data.classes=[]", r"data.classes=\[\] must list at least 2 classes"),
+        ("optim=adam optim._target_=torch.optim.SGD", "optim.betas is not a key of optim=sgd"),
+        ("scheduler=cosine scheduler.name=step", "scheduler.warmup_epochs is not a key of scheduler=step"),
     ],
 )
 def test_bad_values_name_the_key(override, pattern, tmp_path):
-    cfg = compose_config(["backbone.weights=null", "trainer.max_epochs=10", *override.split()], tmp_path)
-    with pytest.raises(ConfigError, match=pattern):
-        validate_train_config(cfg)
+    assert re.search(pattern, config_error(["trainer.max_epochs=10", *override.split()], tmp_path))
+
+
+def config_error(overrides: list[str], tmp_path) -> str:
+    """The message that stops a run with these overrides: from Hydra's composition (a value of the wrong
+    type) or from parsing the config (everything else); before any data is read either way."""
+    try:
+        validate(compose_config(["backbone.weights=null", *overrides], tmp_path))
+    except ConfigCompositionException as err:
+        return f"{err} {err.__cause__}"
+    except ConfigError as err:
+        return str(err)
+    raise AssertionError(f"{overrides} were accepted")
+
+
+def schema_defaults(schema: type) -> dict:
+    defaults = {}
+    for f in dataclasses.fields(schema):
+        if f.default is not dataclasses.MISSING:
+            defaults[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            defaults[f.name] = f.default_factory()
+    return defaults
+
+
+@pytest.mark.parametrize("group", list(OPTIONS))
+def test_presets_only_set_values_that_differ_from_the_schema(group):
+    """Each default lives in the schema: a preset that restates one would be a second home for it."""
+    for option in (CONF_DIR / group).glob("*.yaml"):
+        values = yaml.safe_load(option.read_text())
+        [schema_line] = [d for d in values.pop("defaults") if isinstance(d, dict)]
+        assert schema_line == {f"/schema/{group}@_here_": next(iter(schema_line.values()))}, option
+        schema = OPTIONS[group][next(iter(schema_line.values()))]
+        defaults = schema_defaults(schema)
+        for key, value in values.items():
+            assert key in defaults, f"{option}: {key} is not in {schema.__name__}"
+            assert value != defaults[key], f"{option}: {key}: {value} is the schema's default already"
+
+
+def test_the_defaults_that_disagreed_are_the_documented_ones(tmp_path):
+    # conf/scheduler/cosine.yaml said 0.01 and 1 warmup epoch; the code's fallbacks said 0.0 and 0
+    cosine = parse_group("scheduler", {"name": "cosine"})
+    assert (
+        (cosine.min_lr_ratio, cosine.warmup_epochs)
+        == (0.01, 1.0)
+        == (
+            CosineScheduleConfig.min_lr_ratio,
+            CosineScheduleConfig.warmup_epochs,
+        )
+    )
+    composed = compose_config(["scheduler=cosine"], tmp_path).scheduler
+    assert (composed.min_lr_ratio, composed.warmup_epochs) == (0.01, 1.0)
+    from transferlab.finetune.optim import schedule_factor
+
+    factor = schedule_factor(cosine, total_steps=100, steps_per_epoch=10)
+    assert factor(100) == pytest.approx(0.01) and factor(0) == pytest.approx(0.01) and factor(10) == 1.0
+    # val_fraction: 0.2 of the whole set for digits and image folders, 0.1 of CIFAR-10's training set
+    assert parse_group("data", {"name": "digits"}).val_fraction == 0.2
+    assert parse_group("data", {"name": "imagefolder", "root": "/x"}).val_fraction == 0.2
+    assert (
+        parse_group("data", {"name": "cifar10", "root": "/x"}).val_fraction
+        == 0.1
+        == Cifar10Config.val_fraction
+    )
+
+
+def test_choices_in_the_schema_are_the_libraries_own():
+    from torchvision.transforms import InterpolationMode, v2
+
+    assert set(INTERPOLATIONS) == {mode.value for mode in InterpolationMode}
+    assert tuple(policy.value for policy in v2.AutoAugmentPolicy) == AUTOAUGMENT_POLICIES
+
+
+def test_every_option_of_a_group_has_the_groups_keys(tmp_path):
+    """A plain mapping (a checkpoint's, a saved run's) finds its option's schema by its name."""
+    for group, options in OPTIONS.items():
+        for option, schema in options.items():
+            required = {f.name: "x" for f in dataclasses.fields(schema) if f.default == "???"}
+            made = schema(**required)
+            assert type(parse_group(group, dataclasses.asdict(made))) is schema, (group, option)

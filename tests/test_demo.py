@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import pytest
-
-from transferlab.demo import main, summarise
+from tests.conftest import run_tool
+from transferlab.config.schema import DEMO_METHODS
+from transferlab.tools.demo import TARGET_METHODS, summarise
 
 
 def test_summary_table_mean_and_spread():
@@ -26,7 +26,8 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
         "trainer.limit_val_batches=1",
         "trainer.limit_test_batches=1",
     ]
-    main(["--out", str(out), "--seeds", "42", "--shots", "3", *tiny])
+    overrides = "overrides=[" + ",".join(f"'{o}'" for o in tiny) + "]"  # quoted: they hold '='
+    assert run_tool("demo", f"out={out}", "seeds=[42]", "shots=3", overrides) == 0
     report = (out / "results.md").read_text()
     for method in (
         "full fine-tune (`full`)",
@@ -37,5 +38,10 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert "3 labelled images per class" in report
     assert (out / "full_seed42" / "metrics.json").is_file()
     assert "Loaded backbone weights from" in (out / "full_seed42.log").read_text()
-    with pytest.raises(SystemExit, match="already holds demo runs"):
-        main(["--out", str(out), *tiny])
+    capsys.readouterr()
+    assert run_tool("demo", f"out={out}", overrides) != 0
+    assert "already holds demo runs" in capsys.readouterr().err
+
+
+def test_demo_methods_are_the_schemas_choices():
+    assert tuple(TARGET_METHODS) == DEMO_METHODS

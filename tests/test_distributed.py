@@ -10,13 +10,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tests.conftest import FAST, compose_config
+from tests.conftest import FAST, compose_config, data_config
 from tests.test_sweeps import SWEEP
 from tests.test_train import run_cli
 from transferlab.data.datamodule import TransferDataModule
 from transferlab.data.transforms import Preprocessing
-from transferlab.distributed import check_multirun_processes, check_submitit_resources, check_sweep_launch
 from transferlab.errors import ConfigError
+from transferlab.launch import check_multirun_processes, check_submitit_resources, check_sweep_launch
 from transferlab.models.classifier import ImageClassifier
 
 # whole val/test splits, 109 images each: odd, so a padding DistributedSampler would count one twice
@@ -29,7 +29,9 @@ def evaluate_in_one_process(ckpt: Path) -> dict[str, float]:
     """val and test metrics of a checkpoint, one process, the checkpoint's own data."""
     model = ImageClassifier.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
     stored = torch.load(ckpt, weights_only=True)["datamodule_hyper_parameters"]
-    datamodule = TransferDataModule(stored["data"], Preprocessing.from_dict(stored["preprocessing"]))
+    datamodule = TransferDataModule(
+        data_config(stored["data"]), Preprocessing.from_dict(stored["preprocessing"])
+    )
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
     metrics = trainer.validate(model, datamodule=datamodule, verbose=False)[0]
     metrics |= trainer.test(model, datamodule=datamodule, verbose=False)[0]

@@ -12,14 +12,14 @@ import torch
 import torch.nn as nn
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from tests.conftest import compose_config
+from tests.conftest import compose_config, validate
+from transferlab.build import build_datamodule
+from transferlab.config import parse_group
 from transferlab.errors import ConfigError
 from transferlab.finetune.freeze import FreezePlan, freeze_plan
 from transferlab.finetune.optim import stage_lr_scales
-from transferlab.models.backbones import build_backbone
 from transferlab.models.classifier import ImageClassifier
-from transferlab.models.stages import backbone_stages
-from transferlab.training import build_datamodule, build_model
+from transferlab.training import prepare_model
 
 # resnet18 stages: conv1+bn1, layer1, layer2, layer3, layer4
 TINY = [
@@ -34,41 +34,6 @@ TINY = [
     "trainer.num_sanity_val_steps=0",
     "optim.lr=0.05",
 ]
-
-
-@pytest.mark.parametrize(
-    ("source", "name"),
-    [
-        ("torchvision", "resnet18"),
-        ("torchvision", "vgg11"),
-        ("torchvision", "mobilenet_v3_small"),
-        ("torchvision", "efficientnet_b0"),
-        ("torchvision", "convnext_tiny"),
-        ("torchvision", "vit_b_16"),
-        ("torchvision", "swin_t"),
-        ("torchvision", "regnet_y_400mf"),
-        ("torchvision", "densenet121"),
-        ("timm", "test_resnet"),
-        ("timm", "test_vit"),
-        ("timm", "test_efficientnet"),
-    ],
-)
-def test_stages_partition_every_family_in_order(source, name):
-    module = build_backbone(source, name).module
-    stages = backbone_stages(module, source)
-    owner = {param: i for i, stage in enumerate(stages) for param in stage.param_names}
-    order = [owner[param] for param, _ in module.named_parameters()]
-    assert len(owner) == len(order) == sum(len(s.param_names) for s in stages)  # each parameter once
-    assert len(stages) >= 4, [s.name for s in stages]
-    assert order == sorted(order)  # stem first, registration (= forward) order
-
-
-def test_known_stage_layouts():
-    names = [s.name for s in backbone_stages(build_backbone("torchvision", "resnet18").module, "torchvision")]
-    assert names == ["conv1+bn1", "layer1", "layer2", "layer3", "layer4"]
-    vit = backbone_stages(build_backbone("torchvision", "vit_b_16").module, "torchvision")
-    assert len(vit) == 1 + 12
-    assert "encoder.ln.weight" in vit[-1].param_names  # the final norm joins the last block
 
 
 @pytest.mark.parametrize(
@@ -91,7 +56,8 @@ def test_trainable_blocks_beyond_the_stages_names_them():
         ConfigError, match=r"trainable_blocks=6 but this backbone has 5 stages: conv1\+bn1, layer1"
     ):
         freeze_plan(
-            {"name": "partial", "trainable_blocks": 6}, ["conv1+bn1", "layer1", "layer2", "layer3", "layer4"]
+            parse_group("freeze", {"name": "partial", "trainable_blocks": 6}),
+            ["conv1+bn1", "layer1", "layer2", "layer3", "layer4"],
         )
 
 
@@ -119,11 +85,11 @@ class Recorder(Callback):
 
 
 def _setup(tmp_path: Path, *overrides: str) -> tuple[ImageClassifier, L.LightningDataModule, dict]:
-    cfg = compose_config([*TINY, *overrides], tmp_path)
+    config = validate(compose_config([*TINY, *overrides], tmp_path))
     L.seed_everything(0)
-    datamodule = build_datamodule(cfg.data, cfg.backbone, cfg.seed)
+    datamodule = build_datamodule(config.data, config.backbone, config.seed)
     datamodule.setup("fit")
-    model = build_model(cfg, datamodule)
+    model = prepare_model(config, datamodule)
     return model, datamodule, copy.deepcopy(model.backbone.state_dict())
 
 

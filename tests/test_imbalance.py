@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import WeightedRandomSampler
 
+from tests.conftest import data_config
 from transferlab.data.datamodule import TransferDataModule
 from transferlab.data.datasets import build_splits
 from transferlab.data.imbalance import balanced_sampler, class_weights
@@ -68,43 +69,43 @@ def test_focal_loss_by_hand():
 
 
 def test_loss_module_keeps_class_weights_out_of_the_state_dict():
-    loss = ClassificationLoss("cross_entropy", class_weights=[1.0, 4.0])
+    loss = ClassificationLoss("cross_entropy", class_weights=[1.0, 4.0], label_smoothing=0.0, focal_gamma=2.0)
     assert "weight" not in loss.state_dict() and loss.weight.tolist() == [1.0, 4.0]
     logits, targets = torch.randn(5, 2), torch.tensor([0, 1, 1, 0, 0])
     assert loss(logits, targets).item() == pytest.approx(
         F.cross_entropy(logits, targets, weight=torch.tensor([1.0, 4.0])).item()
     )
     with pytest.raises(ConfigError, match="loss.name='hinge'"):
-        ClassificationLoss("hinge")
+        ClassificationLoss("hinge", class_weights=None, label_smoothing=0.0, focal_gamma=2.0)
 
 
 def test_class_fraction_cuts_only_the_named_training_classes():
-    full = build_splits(DIGITS)
-    cut = build_splits({**DIGITS, "class_fraction": {3: 0.1, "8": 0.1}})
+    full = build_splits(data_config(DIGITS))
+    cut = build_splits(data_config({**DIGITS, "class_fraction": {3: 0.1, "8": 0.1}}))
     before, after = np.bincount(full.train.labels()), np.bincount(cut.train.labels())
     for digit in range(10):
         expected = round(before[digit] * 0.1) if digit in (3, 8) else before[digit]
         assert after[digit] == expected, digit
     assert cut.val.indices == full.val.indices and cut.test.indices == full.test.indices
-    assert build_splits({**DIGITS, "class_fraction": {3: 0.1}}, seed=7).train.indices == (
-        build_splits({**DIGITS, "class_fraction": {3: 0.1}}, seed=8).train.indices
+    assert build_splits(data_config({**DIGITS, "class_fraction": {3: 0.1}}), seed=7).train.indices == (
+        build_splits(data_config({**DIGITS, "class_fraction": {3: 0.1}}), seed=8).train.indices
     )  # fixed by split_seed, not the run seed
     with pytest.raises(ConfigError, match="data.class_fraction: 'x' is neither"):
-        build_splits({**DIGITS, "class_fraction": {"x": 0.1}})
+        build_splits(data_config({**DIGITS, "class_fraction": {"x": 0.1}}))
     with pytest.raises(ConfigError, match="data.class_fraction: 3: 1.5"):
-        build_splits({**DIGITS, "class_fraction": {3: 1.5}})
+        build_splits(data_config({**DIGITS, "class_fraction": {3: 1.5}}))
 
 
 def test_datamodule_weights_and_sampler_follow_the_training_counts():
     data = {**DIGITS, "class_fraction": {0: 0.2}, "imbalance": "sampler", "batch_size": 16}
-    dm = TransferDataModule(data, TINY)
+    dm = TransferDataModule(data_config(data), TINY)
     counts = np.array(list(dm.class_counts()["train"].values()))
     assert dm.class_weights() == pytest.approx((counts.sum() / (10 * counts)).tolist())
     sampler = dm.train_dataloader().sampler
     assert isinstance(sampler, WeightedRandomSampler)
     labels = dm.splits.train.labels()
     assert sampler.weights.tolist() == pytest.approx((1.0 / counts[labels]).tolist())
-    plain = TransferDataModule({**data, "imbalance": "none"}, TINY)
+    plain = TransferDataModule(data_config({**data, "imbalance": "none"}), TINY)
     assert not isinstance(plain.train_dataloader().sampler, WeightedRandomSampler)
 
 

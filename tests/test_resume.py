@@ -17,10 +17,10 @@ from omegaconf import OmegaConf
 from tests.conftest import FAST, ROOT, compose_config
 from tests.interrupt import pause_at
 from tests.test_train import run_cli
-from transferlab.checkpoint_io import AtomicCheckpointIO
 from transferlab.errors import ConfigError
+from transferlab.files import AtomicCheckpointIO
 from transferlab.resume import requeued_checkpoint, resume_config, start_checkpoint
-from transferlab.rundir import slurm_run_name
+from transferlab.runtime import slurm_run_name
 
 
 def test_a_crash_during_a_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):

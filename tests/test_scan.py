@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import write_hostile_folder, write_image_folder
+from tests.conftest import data_config, write_hostile_folder, write_image_folder
 from transferlab.data.datamodule import TransferDataModule
 from transferlab.data.datasets import build_splits
 from transferlab.data.images import check_image
@@ -46,7 +46,7 @@ def test_scan_reports_exactly_the_bad_files_and_ignores_hidden_and_other_files(t
 def test_bad_files_stop_the_build_with_their_names(tmp_path):
     expected = write_hostile_folder(tmp_path)
     with pytest.raises(DataError) as err:
-        build_splits(folder_cfg(tmp_path))
+        build_splits(data_config(folder_cfg(tmp_path)))
     message = str(err.value)
     assert "5 bad image file(s)" in message and "data.skip_bad=true" in message
     for path in expected:
@@ -55,7 +55,7 @@ def test_bad_files_stop_the_build_with_their_names(tmp_path):
 
 def test_skip_bad_leaves_them_out_and_keeps_the_list(tmp_path):
     expected = write_hostile_folder(tmp_path)
-    splits = build_splits(folder_cfg(tmp_path, skip_bad=True))
+    splits = build_splits(data_config(folder_cfg(tmp_path, skip_bad=True)))
     assert {f.path.relative_to(tmp_path).as_posix() for f in splits.skipped} == set(expected)
     used = {splits.train.source.key(i) for i in splits.train.indices}
     assert used.isdisjoint(expected) and "train/a/trailing_bytes.jpg" in used
@@ -100,7 +100,7 @@ def test_oversized_images_are_bad_files_not_a_crash(tmp_path):
 
 def test_a_file_damaged_after_the_scan_gives_an_error_naming_it(tmp_path):
     write_image_folder(tmp_path, {"train": {"a": 4, "b": 4}, "val": {"a": 2, "b": 2}})
-    dm = TransferDataModule(folder_cfg(tmp_path), TINY)
+    dm = TransferDataModule(data_config(folder_cfg(tmp_path)), TINY)
     dm.setup()
     victim = tmp_path / "val" / "a" / "0.png"
     victim.write_bytes(victim.read_bytes()[:40])
@@ -116,8 +116,8 @@ def test_empty_class_folders_are_an_error_or_dropped(tmp_path, caplog):
     with pytest.raises(
         DataError, match=r"class folder\(s\) empty in .*train hold no usable images.*empty_classes=drop"
     ):
-        build_splits(folder_cfg(tmp_path))
-    splits = build_splits(folder_cfg(tmp_path, empty_classes="drop"))
+        build_splits(data_config(folder_cfg(tmp_path)))
+    splits = build_splits(data_config(folder_cfg(tmp_path, empty_classes="drop")))
     assert splits.class_names == ["a", "b", "c"]
     assert "Dropping class(es) without usable images" in caplog.text and "empty" in caplog.text
 
@@ -127,7 +127,7 @@ def test_a_class_with_only_bad_files_in_val_is_reported(tmp_path):
     (tmp_path / "val" / "b").mkdir()
     (tmp_path / "val" / "b" / "broken.png").write_bytes(b"\x89PNG\r\n")
     with pytest.raises(DataError, match=r"class\(es\) b have no images in the val split"):
-        build_splits(folder_cfg(tmp_path, skip_bad=True))
+        build_splits(data_config(folder_cfg(tmp_path, skip_bad=True)))
 
 
 def test_one_folder_is_split_stratified_and_reproducibly(tmp_path):
@@ -135,15 +135,15 @@ def test_one_folder_is_split_stratified_and_reproducibly(tmp_path):
     write_image_folder(tmp_path / "tmp", {"all": layout})
     (tmp_path / "tmp" / "all").rename(tmp_path / "flat")
     cfg = folder_cfg(tmp_path / "flat", val_fraction=0.2, test_fraction=0.2, split_seed=3)
-    splits = build_splits(cfg)
+    splits = build_splits(data_config(cfg))
     assert splits.class_names == ["cat", "dog"]
     assert np.bincount(splits.test.labels()).tolist() == [4, 2]
     assert np.bincount(splits.val.labels()).tolist() == [4, 2]
     assert np.bincount(splits.train.labels()).tolist() == [12, 6]
     keys = [{s.source.key(i) for i in s.indices} for s in (splits.train, splits.val, splits.test)]
     assert not (keys[0] & keys[1] or keys[0] & keys[2] or keys[1] & keys[2])
-    assert build_splits(cfg).test.indices == splits.test.indices
-    assert build_splits({**cfg, "split_seed": 4}).test.indices != splits.test.indices
+    assert build_splits(data_config(cfg)).test.indices == splits.test.indices
+    assert build_splits(data_config({**cfg, "split_seed": 4})).test.indices != splits.test.indices
 
 
 def test_skipped_run_finishes_and_writes_bad_files_and_split_lists(fast_cfg, tmp_path):

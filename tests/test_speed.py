@@ -6,8 +6,9 @@ import math
 
 import torch
 
+from transferlab.config.schema import ModelConfig
 from transferlab.models.classifier import ImageClassifier
-from transferlab.speed import apply_speed_options
+from transferlab.models.speed import apply_speed_options
 from transferlab.training import train
 
 
@@ -20,7 +21,7 @@ def test_mixed_precision_channels_last_and_compile_options(fast_cfg, tmp_path):
     assert state["backbone.conv1.weight"].dtype == torch.float32  # mixed precision keeps fp32 weights
 
     model = ImageClassifier.load_from_checkpoint(last, map_location="cpu", weights_only=True)
-    apply_speed_options(model, {"channels_last": True, "compile": True})
+    apply_speed_options(model, ModelConfig(compile=True, channels_last=True))
     conv = model.backbone.conv1.weight
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
     # nn.Module.compile() compiles in place (compiled on the first batch, too slow for a test here):

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import FAST
+from tests.conftest import FAST, run_tool
 from tests.test_train import run_cli
-from transferlab.sweep.summary import main as summary_main
 from transferlab.sweep.summary import write_summary
 
 # sweeps whose metrics do not matter, only that every job ran: one batch per stage
@@ -60,7 +57,7 @@ def test_optuna_sweep_of_three_trials_optimises_the_val_metric(tmp_path):
     assert sorted(t.value for t in study.trials) == pytest.approx(sorted(accs))
 
 
-def test_submitit_local_launcher_runs_jobs_and_a_failing_job_is_reported(tmp_path):
+def test_submitit_local_launcher_runs_jobs_and_a_failing_job_is_reported(tmp_path, capsys):
     proc = run_cli(
         "train.py", "-m", *SWEEP, "hydra/launcher=submitit_local", "optim.lr=0.01,-1",
         f"paths.output_root={tmp_path}", check=False,
@@ -71,10 +68,8 @@ def test_submitit_local_launcher_runs_jobs_and_a_failing_job_is_reported(tmp_pat
     assert (sweep / "0" / "metrics.json").is_file()  # the other job ran to the end
     assert "optim.lr" in (sweep / "1" / "error.txt").read_text()
     assert list((sweep / ".submitit").iterdir())  # run through submitit, in the same sweep directory
-    summary = subprocess.run(
-        [sys.executable, "-m", "transferlab.sweep.summary", str(sweep)], capture_output=True, text=True
-    )
-    rows = _table(summary.stdout)
+    assert run_tool("summary", f"sweep_dir={sweep}") == 0
+    rows = _table(capsys.readouterr().out)
     assert [row[:3] for row in rows] == [["0", "ok", "optim.lr=0.01"], ["1", "failed", "optim.lr=-1"]]
     assert "must be a positive number" in rows[1][-1]  # the failed job's error, last line
 
@@ -97,7 +92,7 @@ def test_summary_sorts_by_the_sweeps_metric_and_lists_failed_and_unfinished_jobs
     _job(sweep, "1", [*common, "optim.lr=0.01"], {"val/loss": 0.3, "val/acc": 0.8, "epochs_trained": 3})
     _job(sweep, "2", [*common, "optim.lr=-1"], error="ConfigError: optim.lr=-1 must be > 0")
     _job(sweep, "10", [*common, "optim.lr=0.001"])
-    summary_main([str(sweep), "--out", str(tmp_path / "out")])
+    assert run_tool("summary", f"sweep_dir={sweep}", f"out={tmp_path / 'out'}") == 0
     printed = capsys.readouterr().out
     assert printed.startswith("4 jobs (2 ok, 1 failed, 1 unfinished), best val/loss (min) first.\n")
     assert "Every job had: data=digits trainer.max_epochs=3\n" in printed
@@ -115,7 +110,7 @@ def test_summary_sorts_by_the_sweeps_metric_and_lists_failed_and_unfinished_jobs
     csv_lines = (tmp_path / "out" / "summary.csv").read_text().splitlines()
     assert csv_lines[0].startswith("job,status,overrides,val/loss") and len(csv_lines) == 5
     assert (tmp_path / "out" / "summary.md").read_text() == printed
-    summary_main([str(sweep), "--metric", "val/acc", "--out", str(tmp_path / "by_acc")])
+    run_tool("summary", f"sweep_dir={sweep}", "metric=val/acc", f"out={tmp_path / 'by_acc'}")
     by_acc = [
         line.split("|")[1].strip() for line in capsys.readouterr().out.splitlines() if line.startswith("| ")
     ]

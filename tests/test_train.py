@@ -102,12 +102,13 @@ def test_eval_reproduces_the_runs_metrics_and_they_are_right(trained_run, tmp_pa
         assert evaluated[f"{split}/acc"] == pytest.approx(trained[f"{split}/acc"], abs=1e-6)
         assert evaluated[f"{split}/f1"] == pytest.approx(trained[f"{split}/f1"], abs=1e-6)
     # accuracy counted by hand from the model's own predictions
+    from tests.conftest import data_config
     from transferlab.data.datamodule import TransferDataModule
     from transferlab.data.transforms import Preprocessing
 
     model = ImageClassifier.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True).eval()
     stored = torch.load(ckpt, weights_only=True)["datamodule_hyper_parameters"]
-    dm = TransferDataModule(stored["data"], Preprocessing.from_dict(stored["preprocessing"]))
+    dm = TransferDataModule(data_config(stored["data"]), Preprocessing.from_dict(stored["preprocessing"]))
     correct = total = 0
     with torch.no_grad():
         for images, labels in dm.test_dataloader():
@@ -139,18 +140,23 @@ def test_a_bad_value_ends_the_cli_with_one_line_not_a_traceback(tmp_path):
     proc = run_cli("train.py", *FAST, "optim.layer_decay=2", f"hydra.run.dir={run_dir}", check=False)
     assert proc.returncode == 2
     output = proc.stdout + proc.stderr
-    assert "optim.layer_decay=2 must be in (0, 1]" in output and "Traceback" not in output
+    assert "optim.layer_decay=2.0 must be in (0, 1]" in output and "Traceback" not in output
     assert "optim.layer_decay=2" in (run_dir / "train.log").read_text()  # the run's log has it too
 
 
 def test_runs_started_together_get_different_directories():
     run_dir_template = (ROOT / "conf" / "hydra" / "default.yaml").read_text()
     assert "${now:%Y-%m-%d_%H-%M-%S}_${run_uid:}" in run_dir_template
-    show = "import transferlab.rundir; from omegaconf import OmegaConf; print(OmegaConf.create({'d': '${run_uid:}'}).d)"
+    show = (  # importing the tool registers nothing: the tool registers before Hydra composes
+        "import transferlab.tools.train; from transferlab.config import register_configs; "
+        "from omegaconf import OmegaConf; assert not OmegaConf.has_resolver('run_uid'); "
+        "register_configs(); print(OmegaConf.create({'d': '${run_uid:}'}).d)"
+    )
     procs = [
         subprocess.Popen([sys.executable, "-c", show], stdout=subprocess.PIPE, text=True) for _ in range(2)
     ]
     ids = [proc.communicate(timeout=60)[0].strip() for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0]
     assert len(ids[0]) == 6 and ids[0] != ids[1]  # same second, different processes: different run dirs
 
 

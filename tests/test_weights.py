@@ -10,9 +10,8 @@ import pytest
 import torch
 from torchvision.models import ResNet18_Weights, get_model
 
+from transferlab.backbones import build_backbone, load_pretrained, read_weights_file
 from transferlab.errors import WeightsError
-from transferlab.models.backbones import build_backbone
-from transferlab.models.weights import load_pretrained, read_weights_file
 
 
 def assert_backbone_equals(backbone, state: dict[str, torch.Tensor], prefix: str = "") -> None:

@@ -1,4 +1,5 @@
-"""Lightning callbacks of ours: the progress display (rich bar on a terminal, plain lines otherwise)."""
+"""Lightning callbacks of ours: the progress display (rich bar on a terminal, plain lines otherwise) and
+the confusion matrix of a test as a TensorBoard image."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import sys
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, RichProgressBar
+from lightning.pytorch.loggers import TensorBoardLogger
 
 from transferlab.errors import ConfigError
 
@@ -52,3 +54,26 @@ def progress_display(mode: str = "auto") -> Callback | None:
     if mode == "rich":
         return RichProgressBar()
     return EpochSummary() if mode == "plain" else None
+
+
+class ConfusionMatrixImage(Callback):
+    """After a test, the model's confusion matrix (`test_confusion`) as an image in TensorBoard."""
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # not on_test_epoch_end: callbacks run before the module's hook, which computes the matrix
+        tensorboards = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        if not tensorboards:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from torchmetrics.utilities.plot import plot_confusion_matrix
+
+        names = pl_module.class_names
+        fig, _ = plot_confusion_matrix(pl_module.test_confusion, add_text=len(names) <= 20, labels=names)
+        for logger in tensorboards:
+            logger.experiment.add_figure(
+                f"{pl_module.test_split}/confusion_matrix", fig, global_step=trainer.global_step
+            )
+        plt.close(fig)

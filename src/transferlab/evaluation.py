@@ -7,65 +7,62 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from transferlab.config import to_plain, validate_data
-from transferlab.data.datamodule import SPLITS, TransferDataModule
+from transferlab.build import build_trainer, instantiate_group
+from transferlab.checkpoints import check_checkpoint_classes, read_checkpoint
+from transferlab.config import parse_eval_config, parse_group
+from transferlab.config.schema import DataConfig
+from transferlab.data.datamodule import TransferDataModule
 from transferlab.data.transforms import Preprocessing
 from transferlab.errors import ConfigError
-from transferlab.models.checkpoints import check_checkpoint_classes, read_checkpoint
+from transferlab.files import write_json
 from transferlab.models.classifier import ImageClassifier
-from transferlab.rundir import write_json
-from transferlab.training import instantiate_group
 
 log = logging.getLogger(__name__)
 
 
-def eval_data_config(checkpoint: dict[str, Any], overrides: DictConfig | None) -> DictConfig:
-    """The checkpoint's own data config, with the user's `data=...` choices (those not null) on top."""
+def eval_data_config(checkpoint: dict[str, Any], overrides: dict[str, Any] | None) -> DataConfig:
+    """The checkpoint's own data config, with the keys the user set (`data=...`, `data.root=...`) on top."""
     stored = (checkpoint.get("datamodule_hyper_parameters") or {}).get("data") or {}
-    chosen = {k: v for k, v in (to_plain(overrides) or {}).items() if v is not None}
-    merged = OmegaConf.merge(OmegaConf.create(stored), OmegaConf.create(chosen))
+    chosen = {key: value for key, value in (overrides or {}).items() if value is not None}
+    merged = {**stored, **chosen}
     if "name" not in merged:
         raise ConfigError(
             "the checkpoint holds no data config: choose one, e.g. data=imagefolder data.root=..."
         )
-    validate_data(merged)
-    return merged
+    if chosen.get("name", stored.get("name")) != stored.get("name"):  # another dataset: its own keys only
+        merged = chosen
+    return parse_group("data", merged)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Test `ckpt_path` on `split`; writes metrics.json into the eval run directory and returns it."""
-    if cfg.split not in SPLITS:
-        raise ConfigError(f"split={cfg.split!r} is not valid; choose one of: {', '.join(SPLITS)}")
-    trust = bool(cfg.get("trust_checkpoint", False))
-    checkpoint = read_checkpoint(cfg.ckpt_path, trust=trust)
-    L.seed_everything(cfg.seed, workers=True)
-    hparams = checkpoint["hyper_parameters"]
-    data_cfg = eval_data_config(checkpoint, cfg.get("data"))
-    datamodule = TransferDataModule(
-        to_plain(data_cfg), Preprocessing.from_dict(hparams["preprocessing"]), seed=cfg.seed
-    )
+    config = parse_eval_config(cfg)
+    checkpoint = read_checkpoint(config.ckpt_path, trust=config.trust_checkpoint)
+    L.seed_everything(config.seed, workers=True)
+    data = eval_data_config(checkpoint, config.data)
+    preprocessing = Preprocessing.from_dict(checkpoint["hyper_parameters"]["preprocessing"])
+    datamodule = TransferDataModule(data, preprocessing, seed=config.seed)
     datamodule.setup()
-    check_checkpoint_classes(checkpoint, cfg.ckpt_path, datamodule.class_names)
-    model = ImageClassifier.load_from_checkpoint(cfg.ckpt_path, map_location="cpu", weights_only=not trust)
-    model.test_split = cfg.split
-    trainer = instantiate(
-        cfg.trainer, logger=instantiate_group(cfg.get("logger")) or False, enable_progress_bar=False
+    check_checkpoint_classes(checkpoint, config.ckpt_path, datamodule.class_names)
+    model = ImageClassifier.load_from_checkpoint(
+        config.ckpt_path, map_location="cpu", weights_only=not config.trust_checkpoint
     )
+    model.test_split = config.split
+    trainer = build_trainer(config.trainer, callbacks=[], loggers=instantiate_group(config.logger))
     metrics: dict[str, Any] = {}
-    for result in trainer.test(model, dataloaders=datamodule.split_dataloader(cfg.split)):
+    for result in trainer.test(model, dataloaders=datamodule.split_dataloader(config.split)):
         metrics.update(result)
-    metrics[f"{cfg.split}/confusion_matrix"] = model.test_confusion.tolist()
+    metrics[f"{config.split}/confusion_matrix"] = model.test_confusion.tolist()
     metrics.update(
         {
-            "ckpt_path": str(Path(cfg.ckpt_path).resolve()),
-            "split": cfg.split,
+            "ckpt_path": str(Path(config.ckpt_path).resolve()),
+            "split": config.split,
             "class_names": datamodule.class_names,
         }
     )
     if trainer.is_global_zero:
-        write_json(Path(cfg.paths.output_dir) / "metrics.json", metrics)
-        log.info("Wrote %s", Path(cfg.paths.output_dir) / "metrics.json")
+        write_json(Path(config.paths.output_dir) / "metrics.json", metrics)
+        log.info("Wrote %s", Path(config.paths.output_dir) / "metrics.json")
     return metrics

@@ -12,17 +12,14 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from transferlab.checkpoints import checkpoint_step, last_checkpoint
 from transferlab.errors import ConfigError
-from transferlab.rundir import is_slurm_requeue
+from transferlab.runtime import is_slurm_requeue
 
 log = logging.getLogger(__name__)
 
 # What may be given together with resume=: extending the run is the one change that keeps it the same run.
 RESUME_OVERRIDES = ("resume", "trainer.max_epochs")
-
-
-def last_checkpoint(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints" / "last.ckpt"
 
 
 def check_resumable(run_dir: str | Path) -> Path:
@@ -70,20 +67,6 @@ def resume_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
             saved.trainer.max_epochs = cfg.trainer.max_epochs
     log.info("Resuming %s from %s", run_dir, ckpt)
     return saved
-
-
-def command_line_overrides() -> list[str]:
-    """The task overrides typed for this Hydra run (empty outside Hydra)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        return []
-    return list(HydraConfig.get().overrides.task)
-
-
-def checkpoint_step(path: Path) -> int:
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    return int(state.get("global_step", 0))
 
 
 def requeued_checkpoint(output_dir: str | Path) -> Path | None:

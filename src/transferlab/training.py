@@ -1,100 +1,45 @@
-"""The training job behind `train.py`: compose data, model, loggers and callbacks, fit, test, report."""
+"""The training job behind `train.py`: parse the config, build data, model, loggers and callbacks, fit,
+evaluate the best checkpoint, report."""
 
 from __future__ import annotations
 
 import logging
 import signal
 import traceback
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ProgressBar
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from transferlab.config import to_plain, validate_train_config
+from transferlab.build import (
+    build_datamodule,
+    build_model,
+    build_trainer,
+    check_run_inputs,
+    instantiate_group,
+    loss_spec,
+)
+from transferlab.checkpoints import check_checkpoint_classes, read_checkpoint
+from transferlab.config import TrainConfig, parse_train_config
 from transferlab.data.datamodule import TransferDataModule
-from transferlab.distributed import check_multirun_processes
+from transferlab.files import write_json
 from transferlab.finetune.lr_find import find_lr
-from transferlab.models.backbones import preprocessing_for
-from transferlab.models.checkpoints import check_checkpoint_classes, read_checkpoint
+from transferlab.launch import check_multirun_processes
 from transferlab.models.classifier import ImageClassifier
+from transferlab.models.speed import apply_speed_options
 from transferlab.resume import ReseedEachEpoch, start_checkpoint
-from transferlab.rundir import is_multirun, write_json
-from transferlab.speed import apply_speed_options
+from transferlab.runtime import is_multirun
 
 log = logging.getLogger(__name__)
 
 
-def build_datamodule(
-    data: DictConfig, backbone: DictConfig, seed: int, augment: DictConfig | None = None
-) -> TransferDataModule:
-    """Preprocessing follows the backbone's weights, then `data.image_size/mean/std/interpolation`."""
-    preprocessing = preprocessing_for(backbone.source, backbone.name, backbone.get("weights")).with_overrides(
-        image_size=data.get("image_size"),
-        mean=data.get("mean"),
-        std=data.get("std"),
-        interpolation=data.get("interpolation"),
-    )
-    log.info("Preprocessing: %s", preprocessing)
-    return TransferDataModule(to_plain(data), preprocessing, seed=seed, augment=to_plain(augment))
-
-
-def loss_config(cfg: DictConfig, datamodule: TransferDataModule) -> dict[str, Any]:
-    """`loss.*` plus what `data.imbalance` asks of the loss: class weights from the training counts, or
-    the focal loss. (`sampler` changes what the loader draws, not the loss.)"""
-    return {
-        **to_plain(cfg.loss),
-        "name": "focal" if datamodule.imbalance == "focal" else "cross_entropy",
-        "class_weights": datamodule.class_weights() if datamodule.imbalance == "class_weights" else None,
-    }
-
-
-def build_model(cfg: DictConfig, datamodule: TransferDataModule) -> ImageClassifier:
-    """A classifier whose head matches the data's classes; pretrained weights loaded unless resuming."""
-    model = ImageClassifier(
-        backbone=to_plain(cfg.backbone),
-        head=to_plain(cfg.head),
-        num_classes=datamodule.num_classes,
-        class_names=datamodule.class_names,
-        optim=to_plain(cfg.optim),
-        scheduler=to_plain(cfg.scheduler),
-        freeze=to_plain(cfg.freeze),
-        preprocessing=datamodule.preprocessing.to_dict(),
-        loss=loss_config(cfg, datamodule),
-    )
-    if cfg.get("ckpt_path"):
-        check_checkpoint_classes(read_checkpoint(cfg.ckpt_path), cfg.ckpt_path, datamodule.class_names)
-    else:
-        model.load_pretrained_backbone(
-            cfg.backbone.get("weights"), trust_file=bool(cfg.backbone.get("trust_file", False))
-        )
-    return model
-
-
-def instantiate_group(group: DictConfig | None) -> list[Any]:
-    """Each `_target_` entry of a `callbacks/` or `logger/` config, instantiated; None entries dropped."""
-    if not group:
-        return []
-    built = [
-        instantiate(node) for node in group.values() if isinstance(node, DictConfig) and "_target_" in node
-    ]
-    return [obj for obj in built if obj is not None]
-
-
-def build_trainer(cfg: DictConfig, callbacks: list[Callback], loggers: list[Logger]) -> L.Trainer:
-    if not loggers:  # logger=none: Lightning refuses a LearningRateMonitor with nothing to log to
-        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    has_bar = any(isinstance(c, ProgressBar) for c in callbacks)
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, enable_progress_bar=has_bar)
-
-
-def _flat_hparams(cfg: DictConfig) -> dict[str, Any]:
-    plain = OmegaConf.to_container(cfg, resolve=True)
+def _flat_hparams(config: TrainConfig) -> dict[str, Any]:
+    plain = asdict(config)
     flat: dict[str, Any] = {}
 
     def walk(node: Any, key: str) -> None:
@@ -179,7 +124,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """
     output_dir = Path(cfg.paths.output_dir)
     try:
-        return _fit_and_evaluate(cfg, output_dir)
+        return _fit_and_evaluate(parse_train_config(cfg), output_dir)
     except BaseException as error:
         if rank_zero_only.rank == 0:  # the run directory stays readable: config, logs, checkpoints, the error
             output_dir.mkdir(parents=True, exist_ok=True)
@@ -189,34 +134,47 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         raise
 
 
-def _fit_and_evaluate(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
-    validate_train_config(cfg)
-    check_multirun_processes(cfg.trainer, multirun=is_multirun())
-    cfg.ckpt_path = start_checkpoint(cfg.get("ckpt_path"), output_dir)
-    L.seed_everything(cfg.seed, workers=True)
-    datamodule = build_datamodule(cfg.data, cfg.backbone, cfg.seed, cfg.augment)
+def _fit_and_evaluate(config: TrainConfig, output_dir: Path) -> dict[str, Any]:
+    check_run_inputs(config)
+    check_multirun_processes(config.trainer, multirun=is_multirun())
+    config = replace(config, ckpt_path=start_checkpoint(config.ckpt_path, output_dir))
+    loggers = instantiate_group(config.logger)
+    callbacks = [*instantiate_group(config.callbacks), ReseedEachEpoch(config.seed)]
+    L.seed_everything(config.seed, workers=True)
+    datamodule = build_datamodule(config.data, config.backbone, config.seed, config.augment)
     datamodule.prepare_data()
     datamodule.setup("fit")
-    model = build_model(cfg, datamodule)
-    apply_speed_options(model, to_plain(cfg.get("model")))
-    loggers = instantiate_group(cfg.get("logger"))
-    callbacks = [*instantiate_group(cfg.get("callbacks")), ReseedEachEpoch(cfg.seed)]
-    trainer = build_trainer(cfg, callbacks, loggers)
+    model = prepare_model(config, datamodule)
+    apply_speed_options(model, config.model)
+    trainer = build_trainer(config.trainer, callbacks, loggers)
     status = "failed"
     try:
         if trainer.is_global_zero:
             datamodule.write_run_files(output_dir)
             log_class_counts(loggers, datamodule.class_counts())
-        if cfg.tune.get("lr_find") and not cfg.get("ckpt_path"):
-            cfg.optim.lr = find_lr(trainer, model, datamodule, to_plain(cfg.tune), output_dir, loggers)
-        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-        metrics = final_metrics(trainer, model, datamodule, test=bool(cfg.get("test_after_fit", True)))
+        if config.tune.lr_find and not config.ckpt_path:
+            lr = find_lr(trainer, model, datamodule, config.tune, output_dir, loggers)
+            config = replace(config, optim=replace(config.optim, lr=lr))
+        trainer.fit(model, datamodule=datamodule, ckpt_path=config.ckpt_path)
+        metrics = final_metrics(trainer, model, datamodule, test=config.test_after_fit)
         if trainer.is_global_zero:
             write_json(output_dir / "metrics.json", metrics)
-            log_final_hparams(loggers, _flat_hparams(cfg), metrics)
+            log_final_hparams(loggers, _flat_hparams(config), metrics)
         log.info("Run directory: %s", output_dir)
         status = "success"
         return metrics
     finally:
         for logger in loggers:
             logger.finalize(status)
+
+
+def prepare_model(config: TrainConfig, datamodule: TransferDataModule) -> ImageClassifier:
+    """A classifier whose head matches the data's classes; pretrained weights loaded unless resuming."""
+    model = build_model(
+        config, datamodule.class_names, datamodule.preprocessing, loss_spec(config, datamodule)
+    )
+    if config.ckpt_path:
+        check_checkpoint_classes(read_checkpoint(config.ckpt_path), config.ckpt_path, datamodule.class_names)
+    else:
+        model.load_pretrained_backbone()
+    return model

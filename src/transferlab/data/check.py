@@ -1,37 +1,19 @@
-"""Check data before training: `python -m transferlab.data.check data=imagefolder data.root=/data/skin`.
+"""What is in the data and what is wrong with it, as a training run would see it (`transferlab check`).
 
-Takes train.py's overrides, validates them as train.py does, scans and splits the data exactly as a
-training run would, prints what is there (images per split and class, image sizes and modes) and what
-is wrong (bad files, empty classes, classes missing from a split), and exits with 1 when training
-would stop, else 0.
+The report lists images per split and class, image sizes and modes, bad files, empty classes and
+classes missing from a split; `check` returns 1 when training would stop on this data, else 0.
 """
 
 from __future__ import annotations
 
-import logging
 import statistics
-import sys
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
-
-from transferlab.config import validate_train_config
+from transferlab.config.schema import DataConfig
 from transferlab.data.datasets import DataSplits, build_splits
-from transferlab.data.images import PIL_MAX_PIXELS
 from transferlab.data.scan import FolderScan, scan_image_folder
 from transferlab.errors import USER_ERRORS
-
-CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
-
-
-def train_config(overrides: list[str]) -> DictConfig:
-    """train.py's config with these overrides."""
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("train", overrides=overrides)
 
 
 def _relative(scan: FolderScan, path: Path) -> str:
@@ -96,17 +78,12 @@ def splits_report(splits: DataSplits) -> str:
     return "\n".join(lines)
 
 
-def check(data: dict[str, Any], seed: int = 0) -> int:
+def check(data: DataConfig, seed: int = 0) -> int:
     """Print the report; 1 when training would stop on this data, else 0."""
     scan = None
     try:
-        if (
-            data.get("name") == "imagefolder"
-            and data.get("root")
-            and Path(data["root"]).expanduser().is_dir()
-        ):
-            max_pixels = int(data.get("max_image_pixels") or PIL_MAX_PIXELS)
-            scan = scan_image_folder(data["root"], str(data.get("scan") or "fast"), max_pixels)
+        if data.name == "imagefolder" and Path(data.root).expanduser().is_dir():
+            scan = scan_image_folder(data.root, data.scan, data.max_image_pixels)
             print(scan_report(scan) + "\n")
         splits = build_splits(data, seed=seed, scan=scan)
     except USER_ERRORS as err:
@@ -114,23 +91,3 @@ def check(data: dict[str, Any], seed: int = 0) -> int:
         return 1
     print(splits_report(splits) + "\nOK: training would start with this data.")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    overrides = sys.argv[1:] if argv is None else argv
-    if any(arg in ("-h", "--help") for arg in overrides):
-        print(__doc__)
-        return 0
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    cfg = train_config(overrides)
-    try:
-        validate_train_config(cfg)  # a bad key anywhere would stop training before the data is read
-        data = OmegaConf.to_container(cfg.data, resolve=True)
-    except (*USER_ERRORS, MissingMandatoryValue) as err:
-        print(f"Error: {err}")
-        return 1
-    return check(data, seed=int(cfg.seed))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

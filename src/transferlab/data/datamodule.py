@@ -4,57 +4,55 @@ the `augment` preset, class imbalance handling, and the files a run keeps about 
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, RandomSampler
 
+from transferlab.config.schema import SPLITS, AugmentConfig, DataConfig
 from transferlab.data.augment import MixingCollate, batch_mixer, train_transform
 from transferlab.data.datasets import DataSplits, Split, SplitDataset, build_splits, prepare_cifar10
-from transferlab.data.imbalance import balanced_sampler, check_imbalance, class_weights
-from transferlab.data.scan import usable_cpu_count
+from transferlab.data.imbalance import balanced_sampler, class_weights
+from transferlab.data.loaders import exact_eval_loader
 from transferlab.data.transforms import Preprocessing, eval_transform
-from transferlab.distributed import exact_eval_loader
 from transferlab.errors import ConfigError
-from transferlab.rundir import write_json
+from transferlab.files import write_json
+from transferlab.runtime import usable_cpu_count
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
 
-
-def resolve_num_workers(value: Any, processes: int = 1) -> int:
+def resolve_num_workers(value: int | str, processes: int = 1) -> int:
     """`auto`: the usable CPUs shared among this node's training processes, one left for the process
-    itself, at most 8 per process."""
+    itself, at most 8 per process; a number as it is (the schema checked it)."""
     if value == "auto":
         return max(0, min(8, usable_cpu_count() // max(1, processes) - 1))
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ConfigError(f"data.num_workers={value!r} must be 'auto' or an integer >= 0")
-    return value
+    return int(value)
 
 
 class TransferDataModule(L.LightningDataModule):
     def __init__(
         self,
-        data: dict[str, Any],
+        data: DataConfig,
         preprocessing: Preprocessing,
         seed: int = 0,
-        augment: dict[str, Any] | None = None,
+        augment: AugmentConfig | None = None,
     ) -> None:
         super().__init__()
         self.cfg, self.preprocessing, self.seed, self.augment = data, preprocessing, seed, augment
         # stored in our checkpoints (plain types): eval.py rebuilds the same data from them
         self.save_hyperparameters(
-            {"data": data, "preprocessing": preprocessing.to_dict(), "seed": seed, "augment": augment}
+            {
+                "data": asdict(data),
+                "preprocessing": preprocessing.to_dict(),
+                "seed": seed,
+                "augment": asdict(augment) if augment is not None else None,
+            }
         )
-        self.batch_size = int(data.get("batch_size", 32))
-        if self.batch_size < 1:
-            raise ConfigError(f"data.batch_size={self.batch_size} must be >= 1")
-        resolve_num_workers(data.get("num_workers", "auto"))  # fail early on a bad value
-        self.imbalance = str(data.get("imbalance") or "none")
-        check_imbalance(self.imbalance)
+        self.batch_size = data.batch_size
+        self.imbalance = data.imbalance
         self.splits: DataSplits | None = None
 
     @property
@@ -67,8 +65,8 @@ class TransferDataModule(L.LightningDataModule):
         return len(self.class_names)
 
     def prepare_data(self) -> None:
-        if self.cfg.get("name") == "cifar10":
-            prepare_cifar10(self.cfg["root"], bool(self.cfg.get("download", True)))
+        if self.cfg.name == "cifar10":
+            prepare_cifar10(self.cfg.root, self.cfg.download)
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits is not None:
@@ -125,7 +123,7 @@ class TransferDataModule(L.LightningDataModule):
                 "sources": sources,
                 "class_names": names,
                 "counts": self.class_counts(),
-                "split_seed": self.cfg.get("split_seed"),
+                "split_seed": self.cfg.split_seed,
             },
         )
         if self.splits.skipped:
@@ -141,7 +139,7 @@ class TransferDataModule(L.LightningDataModule):
     def _num_workers(self) -> int:
         trainer = getattr(self, "trainer", None)
         processes = trainer.num_devices if trainer is not None else 1
-        return resolve_num_workers(self.cfg.get("num_workers", "auto"), processes)
+        return resolve_num_workers(self.cfg.num_workers, processes)
 
     def _loader(self, name: str, train: bool) -> DataLoader:
         split = self._split(name)
@@ -149,8 +147,8 @@ class TransferDataModule(L.LightningDataModule):
             transform = train_transform(
                 self.preprocessing,
                 self.augment,
-                allow_hflip=bool(self.cfg.get("allow_hflip", True)),
-                min_crop_scale=self.cfg.get("min_crop_scale"),
+                allow_hflip=self.cfg.allow_hflip,
+                min_crop_scale=self.cfg.min_crop_scale,
             )
         else:
             transform = eval_transform(self.preprocessing)
@@ -186,7 +184,7 @@ class TransferDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)
 
-    # under DDP each val/test sample is evaluated exactly once (no padding duplicates): transferlab.distributed
+    # under DDP each val/test sample is evaluated exactly once (no padding duplicates): transferlab.data.loaders
     def val_dataloader(self) -> DataLoader:
         return exact_eval_loader(self._loader("val", train=False), self.trainer)
 
@@ -195,6 +193,4 @@ class TransferDataModule(L.LightningDataModule):
 
     def split_dataloader(self, name: str) -> DataLoader:
         """Evaluation loader of any split (eval.py)."""
-        if name not in SPLITS:
-            raise ConfigError(f"split={name!r} is not valid; choose one of: {', '.join(SPLITS)}")
         return self._loader(name, train=False)

@@ -26,15 +26,14 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.datasets import CIFAR10
 
-from transferlab.data.images import IMAGE_EXTENSIONS, PIL_MAX_PIXELS, ImageCheck, load_rgb
+from transferlab.config.schema import PIL_MAX_PIXELS, DataConfig
+from transferlab.data.images import IMAGE_EXTENSIONS, ImageCheck, load_rgb
 from transferlab.data.scan import FolderScan, scan_image_folder
 from transferlab.downloads import socket_timeout
 from transferlab.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
-DATASETS = ("digits", "cifar10", "imagefolder")
-EMPTY_CLASS_POLICIES = ("error", "drop")
 _BAD_FILES_SHOWN = 20  # in the error message; bad_files.txt and the check tool list them all
 
 
@@ -158,7 +157,7 @@ def _hold_out(split: Split, fraction: float, seed: int, what: str) -> tuple[Spli
     return Split(split.source, rest, split.label_map), Split(split.source, held, split.label_map)
 
 
-def _digits(cfg: dict[str, Any]) -> DataSplits:
+def _digits(cfg: DataConfig) -> DataSplits:
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -166,10 +165,9 @@ def _digits(cfg: dict[str, Any]) -> DataSplits:
     targets = [int(t) for t in digits.target]
     source = TensorSource(images, targets, "digits")
     whole = Split(source, list(range(len(targets))))
-    seed = int(cfg.get("split_seed", 0))
-    rest, test = _hold_out(whole, float(cfg.get("test_fraction", 0.2)), seed, "data.test_fraction")
-    val_share = float(cfg.get("val_fraction", 0.2)) / (1.0 - float(cfg.get("test_fraction", 0.2)))
-    train, val = _hold_out(rest, val_share, seed, "data.val_fraction")
+    rest, test = _hold_out(whole, cfg.test_fraction, cfg.split_seed, "data.test_fraction")
+    val_share = cfg.val_fraction / (1.0 - cfg.test_fraction)  # both fractions are of the whole set
+    train, val = _hold_out(rest, val_share, cfg.split_seed, "data.val_fraction")
     names = [str(n) for n in digits.target_names]
     return DataSplits(names, train, val, test, "scikit-learn digits")
 
@@ -210,9 +208,9 @@ def prepare_cifar10(root: str | os.PathLike, download: bool) -> None:
         ) from err
 
 
-def _cifar10(cfg: dict[str, Any]) -> DataSplits:
-    root = str(Path(cfg["root"]).expanduser())
-    prepare_cifar10(root, bool(cfg.get("download", True)))
+def _cifar10(cfg: DataConfig) -> DataSplits:
+    root = str(Path(cfg.root).expanduser())
+    prepare_cifar10(root, cfg.download)
     splits = {}
     for train in (True, False):
         ds = _LocalCIFAR10(root, train=train, download=False)
@@ -224,8 +222,8 @@ def _cifar10(cfg: dict[str, Any]) -> DataSplits:
     train, val = _stratified(
         list(range(len(train_src.targets))),
         train_src.targets,
-        float(cfg.get("val_fraction", 0.1)),
-        int(cfg.get("split_seed", 0)),
+        cfg.val_fraction,
+        cfg.split_seed,
         "data.val_fraction",
     )
     test_src = splits[False]
@@ -238,13 +236,13 @@ def _cifar10(cfg: dict[str, Any]) -> DataSplits:
     )
 
 
-def _imagefolder_root(cfg: dict[str, Any]) -> Path:
-    if not cfg.get("root"):
+def _imagefolder_root(cfg: DataConfig) -> Path:
+    if not cfg.root:
         raise ConfigError(
             "data=imagefolder needs data.root=/path/to/images (train/<class>/ with optional val/ and test/, "
             "or <class>/ folders directly)"
         )
-    root = Path(cfg["root"]).expanduser()
+    root = Path(cfg.root).expanduser()
     if not root.is_dir():
         raise DataError(f"data.root={root} does not exist or is not a folder")
     return root
@@ -266,10 +264,6 @@ def bad_files_message(scan: FolderScan) -> str:
 
 def _classes_with_images(scan: FolderScan, policy: str) -> list[str]:
     """Train's classes; a class folder without usable images is an error, or dropped with a warning."""
-    if policy not in EMPTY_CLASS_POLICIES:
-        raise ConfigError(
-            f"data.empty_classes={policy!r} is not valid; choose one of: {', '.join(EMPTY_CLASS_POLICIES)}"
-        )
     empty = scan.empty_classes("train")
     if not empty:
         return scan.class_names
@@ -304,12 +298,12 @@ def _file_split(scan: FolderScan, split: str, class_names: list[str], max_pixels
     return Split(FileSource(paths, targets, scan.root, max_pixels), list(range(len(paths))))
 
 
-def _imagefolder(cfg: dict[str, Any], scan: FolderScan | None = None) -> DataSplits:
+def _imagefolder(cfg: DataConfig, scan: FolderScan | None = None) -> DataSplits:
     root = _imagefolder_root(cfg)
-    max_pixels = int(cfg.get("max_image_pixels") or PIL_MAX_PIXELS)
+    max_pixels = cfg.max_image_pixels
     if scan is None:
-        scan = scan_image_folder(root, str(cfg.get("scan") or "fast"), max_pixels)
-    if scan.bad and not cfg.get("skip_bad", False):
+        scan = scan_image_folder(root, cfg.scan, max_pixels)
+    if scan.bad and not cfg.skip_bad:
         raise DataError(bad_files_message(scan))
     if scan.bad:
         log.warning(
@@ -324,12 +318,11 @@ def _imagefolder(cfg: dict[str, Any], scan: FolderScan | None = None) -> DataSpl
             f"{scan.split_dir(split)} has class folders that train does not: {', '.join(extra)}. Add them "
             f"to {scan.split_dir('train')} too, or move them out of {scan.split_dir(split)}."
         )
-    class_names = _classes_with_images(scan, str(cfg.get("empty_classes") or "error"))
+    class_names = _classes_with_images(scan, cfg.empty_classes)
     splits = {name: _file_split(scan, name, class_names, max_pixels) for name in scan.images}
-    seed = int(cfg.get("split_seed", 0))
+    seed = cfg.split_seed
     train, val, test = splits["train"], splits.get("val"), splits.get("test")
-    test_fraction = float(cfg.get("test_fraction") or 0.0)
-    val_fraction = float(cfg.get("val_fraction", 0.2))
+    test_fraction, val_fraction = cfg.test_fraction, cfg.val_fraction
     if test is None and test_fraction > 0:
         train, test = _hold_out(train, test_fraction, seed, "data.test_fraction")
         val_fraction /= 1.0 - test_fraction  # both fractions are of the whole folder
@@ -416,27 +409,20 @@ def _check_coverage(split: Split | None, split_name: str, class_names: list[str]
         )
 
 
-def build_splits(cfg: dict[str, Any], seed: int = 0, scan: FolderScan | None = None) -> DataSplits:
+def build_splits(cfg: DataConfig, seed: int = 0, scan: FolderScan | None = None) -> DataSplits:
     """Build the configured dataset's splits, keep `data.classes`, sample `data.shots`, cut classes to
     `data.class_fraction`, and check them. `scan`: an image folder's scan when the caller already has it."""
-    name = cfg.get("name")
-    if name not in DATASETS:
-        raise ConfigError(f"data.name={name!r} is not valid; choose one of: {', '.join(DATASETS)}")
-    raw = _imagefolder(cfg, scan) if name == "imagefolder" else _BUILDERS[name](cfg)
-    chosen = resolve_classes(cfg.get("classes"), raw.class_names)
+    raw = _imagefolder(cfg, scan) if cfg.name == "imagefolder" else _BUILDERS[cfg.name](cfg)
+    chosen = resolve_classes(cfg.classes, raw.class_names)
     label_map = {source: new for new, source in enumerate(chosen)}
     class_names = [raw.class_names[i] for i in chosen]
     train, val = _keep_classes(raw.train, label_map), _keep_classes(raw.val, label_map)
     test = _keep_classes(raw.test, label_map) if raw.test is not None else None
-    if cfg.get("shots"):
-        shots_seed = cfg.get("shots_seed")
-        train = _few_shot(
-            train, int(cfg["shots"]), int(seed if shots_seed is None else shots_seed), class_names
-        )
-    if cfg.get("class_fraction"):  # the data stays fixed across run seeds: the cut follows split_seed
-        train = _cut_classes(
-            train, cfg["class_fraction"], raw.class_names, label_map, int(cfg.get("split_seed", 0))
-        )
+    if cfg.shots:
+        shots_seed = seed if cfg.shots_seed is None else cfg.shots_seed
+        train = _few_shot(train, cfg.shots, shots_seed, class_names)
+    if cfg.class_fraction:  # the data stays fixed across run seeds: the cut follows split_seed
+        train = _cut_classes(train, cfg.class_fraction, raw.class_names, label_map, cfg.split_seed)
     for split, split_name in ((train, "train"), (val, "val"), (test, "test")):
         _check_coverage(split, split_name, class_names, raw.origin)
     return DataSplits(class_names, train, val, test, raw.origin, raw.skipped, raw.scan)

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from transferlab.config.schema import PIL_MAX_PIXELS
 from transferlab.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-PIL_MAX_PIXELS = 89_478_485  # PIL's own default decompression-bomb limit (1024 * 1024 * 1024 // 4 // 3)
 _JPEG_END = b"\xff\xd9"  # the EOI marker: a JPEG cut short (interrupted copy or download) lacks it
 
 

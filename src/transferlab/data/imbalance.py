@@ -15,17 +15,6 @@ import numpy as np
 import torch
 from torch.utils.data import WeightedRandomSampler
 
-from transferlab.errors import ConfigError
-
-IMBALANCE_OPTIONS = ("none", "class_weights", "sampler", "focal")
-
-
-def check_imbalance(option: str) -> None:
-    if option not in IMBALANCE_OPTIONS:
-        raise ConfigError(
-            f"data.imbalance={option!r} is not valid; choose one of: {', '.join(IMBALANCE_OPTIONS)}"
-        )
-
 
 def class_weights(counts: Sequence[int]) -> list[float]:
     """N / (K * n_c) for each class c; every class must have at least one image."""

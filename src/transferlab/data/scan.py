@@ -16,23 +16,16 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from transferlab.data.images import PIL_MAX_PIXELS, ImageCheck, check_image, is_image_name
-from transferlab.errors import ConfigError, DataError
+from transferlab.config.schema import PIL_MAX_PIXELS
+from transferlab.data.images import ImageCheck, check_image, is_image_name
+from transferlab.errors import DataError
+from transferlab.runtime import usable_cpu_count
 
 log = logging.getLogger(__name__)
 
-SCAN_MODES = ("fast", "full")  # fast: headers (+ cheap checks); full: decode every file
 SPLIT_NAMES = ("train", "val", "test")
 _SERIAL_BELOW = 2000  # files: fewer are checked in this process (~0.1 s; a pool costs more than it saves)
 _CHUNK = 500  # files per task: large enough that sending paths and results back costs little
-
-
-def usable_cpu_count() -> int:
-    """CPUs this process may run on (a SLURM job or `taskset` gets fewer than the machine has)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
 
 
 def scan_processes() -> int:
@@ -127,8 +120,6 @@ def scan_image_folder(
     root: str | os.PathLike, mode: str = "fast", max_pixels: int = PIL_MAX_PIXELS
 ) -> FolderScan:
     """Find the layout and the classes, then check every image file (see `images.check_image`)."""
-    if mode not in SCAN_MODES:
-        raise ConfigError(f"data.scan={mode!r} is not valid; choose one of: {', '.join(SCAN_MODES)}")
     started = time.monotonic()
     root = Path(root).expanduser()
     layout = _layout(root)

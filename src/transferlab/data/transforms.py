@@ -63,11 +63,8 @@ class Preprocessing:
 
 
 def interpolation_mode(name: str) -> InterpolationMode:
-    try:
-        return InterpolationMode(name.lower())
-    except ValueError:
-        valid = ", ".join(m.value for m in InterpolationMode)
-        raise ValueError(f"data.interpolation={name!r} is not valid; choose one of: {valid}") from None
+    """The torchvision mode of an interpolation name (the schema's INTERPOLATIONS, as the weights use them)."""
+    return InterpolationMode(name.lower())
 
 
 def normalize(prep: Preprocessing) -> list[v2.Transform]:

@@ -1,4 +1,4 @@
-"""Freeze strategies over the backbone's stages (stem ... last stage, see models/stages.py).
+"""Freeze strategies over the backbone's stages (stem ... last stage, see backbones/stages.py).
 
 - full: every stage trains from the first step.
 - linear_probe: no stage trains; only the head does.
@@ -19,56 +19,28 @@ and train from random initialisation (there are no statistics to keep).
 
 from __future__ import annotations
 
-import itertools
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
+import lightning as L
+import torch
 import torch.nn as nn
+from lightning.pytorch.callbacks import Callback
 
+from transferlab.backbones import Stage
+from transferlab.config.schema import (
+    FreezeConfig,
+    GradualUnfreezeConfig,
+    OptimConfig,
+    PartialFinetuneConfig,
+)
 from transferlab.errors import ConfigError
+from transferlab.finetune.optim import stage_lr_scales
 
-STRATEGIES = ("full", "linear_probe", "partial", "gradual")
-ALIASES = {"none": "full", "backbone": "linear_probe"}  # the names of the first release
-BN_MODES = ("auto", "train", "eval")
+log = logging.getLogger(__name__)
+
 _BN_TYPES = (nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm)
-
-
-def strategy_name(cfg: dict[str, Any]) -> str:
-    name = cfg.get("name", "full")
-    return ALIASES.get(name, name)
-
-
-def _int_at_least(value: Any, key: str, minimum: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ConfigError(f"{key}={value!r} must be an integer >= {minimum}")
-    return value
-
-
-def check_freeze(cfg: dict[str, Any], max_epochs: int | None = None) -> None:
-    """Checks that need no model: names, milestones and their order, counts."""
-    name = strategy_name(cfg)
-    if name not in STRATEGIES:
-        valid = ", ".join([*STRATEGIES, *ALIASES])
-        raise ConfigError(f"freeze.name={cfg.get('name')!r} is not valid; choose one of: {valid}")
-    if cfg.get("bn", "auto") not in BN_MODES:
-        raise ConfigError(f"freeze.bn={cfg.get('bn')!r} is not valid; choose one of: {', '.join(BN_MODES)}")
-    if name == "partial":
-        _int_at_least(cfg.get("trainable_blocks"), "freeze.trainable_blocks", 0)
-    if name == "gradual":
-        milestones = list(cfg.get("milestones") or [])
-        if not milestones:
-            raise ConfigError("freeze=gradual needs freeze.milestones, e.g. freeze.milestones=[2,5]")
-        for value in milestones:
-            _int_at_least(value, "freeze.milestones entry", 1)
-        if any(b <= a for a, b in itertools.pairwise(milestones)):
-            raise ConfigError(f"freeze.milestones={milestones} must be strictly increasing epochs")
-        if max_epochs is not None and max_epochs > 0 and milestones[-1] >= max_epochs:
-            raise ConfigError(
-                f"freeze.milestones={milestones}: epoch {milestones[-1]} is past the last epoch "
-                f"(trainer.max_epochs={max_epochs} trains epochs 0..{max_epochs - 1})"
-            )
-        _int_at_least(cfg.get("unfreeze_per_milestone", 1), "freeze.unfreeze_per_milestone", 1)
 
 
 @dataclass(frozen=True)
@@ -99,22 +71,21 @@ class FreezePlan:
         return self.unfreeze_epoch(stage) is not None
 
 
-def freeze_plan(cfg: dict[str, Any], stage_names: Sequence[str]) -> FreezePlan:
+def freeze_plan(cfg: FreezeConfig, stage_names: Sequence[str]) -> FreezePlan:
     """The plan for this backbone; errors name the stages when a count does not fit."""
-    check_freeze(cfg)
-    name, count = strategy_name(cfg), len(stage_names)
-    trainable = int(cfg.get("trainable_blocks") or 0)
-    if name == "partial" and trainable > count:
+    count = len(stage_names)
+    if isinstance(cfg, PartialFinetuneConfig) and cfg.trainable_blocks > count:
         raise ConfigError(
-            f"freeze.trainable_blocks={trainable} but this backbone has {count} stages: "
+            f"freeze.trainable_blocks={cfg.trainable_blocks} but this backbone has {count} stages: "
             f"{', '.join(stage_names)}"
         )
+    gradual = isinstance(cfg, GradualUnfreezeConfig)
     return FreezePlan(
-        strategy=name,
+        strategy=cfg.name,
         num_stages=count,
-        trainable_blocks=trainable,
-        milestones=tuple(cfg.get("milestones") or ()),
-        unfreeze_per_milestone=int(cfg.get("unfreeze_per_milestone", 1)),
+        trainable_blocks=cfg.trainable_blocks if isinstance(cfg, PartialFinetuneConfig) else 0,
+        milestones=tuple(cfg.milestones) if gradual else (),
+        unfreeze_per_milestone=cfg.unfreeze_per_milestone if gradual else 1,
     )
 
 
@@ -122,6 +93,91 @@ def resolve_bn_mode(bn: str, pretrained: bool) -> str:
     if bn == "auto":
         return "eval" if pretrained else "train"
     return bn
+
+
+class FrozenStages:
+    """Which backbone parameters train at an epoch, applied to the module: requires_grad, batch-norm
+    modes, and under DDP the gradients of stages that wait for their milestone."""
+
+    def __init__(self, backbone: nn.Module, stages: list[Stage], plan: FreezePlan, bn_mode: str) -> None:
+        self.backbone, self.stages, self.plan, self.bn_mode = backbone, stages, plan, bn_mode
+        self.mask_grads = False  # under DDP, see enable_grad_masking
+        self.frozen: set[str] = set()
+
+    def apply(self, epoch: int, training: bool) -> None:
+        """Make exactly the stages the plan trains at `epoch` trainable; the rest get no gradient."""
+        frozen: set[str] = set()
+        params = dict(self.backbone.named_parameters())
+        for index, stage in enumerate(self.stages):
+            trains = self.plan.trains(index, epoch)
+            if not trains:
+                frozen.update(stage.param_names)
+            # Under DDP, stages that train later keep requires_grad (DDP only syncs what required
+            # grad when it wrapped the model) and lose their gradient in drop_frozen_grads.
+            keep = self.mask_grads and self.plan.ever_trains(index)
+            for name in stage.param_names:
+                params[name].requires_grad_(trains or keep)
+        self.frozen = frozen
+        if training:
+            self.set_batchnorm_modes()
+
+    def enable_grad_masking(self, epoch: int, training: bool) -> None:
+        """Before DDP wraps the model: stages unfreezing later must require grad from the start."""
+        self.mask_grads = True
+        self.apply(epoch, training)
+
+    def set_batchnorm_modes(self) -> None:
+        set_batchnorm_modes(self.backbone, self.bn_mode, self.frozen)
+
+    def drop_frozen_grads(self) -> None:
+        """No gradient: the optimizer skips the parameter (no decay, no momentum)."""
+        if self.mask_grads and self.frozen:
+            for name, param in self.backbone.named_parameters():
+                if name in self.frozen:
+                    param.grad = None
+
+    def describe(self, optim: OptimConfig) -> str:
+        """The stages with their learning rate and when they train (logged when fitting starts)."""
+        scales = stage_lr_scales(len(self.stages), optim.backbone_lr_mult, optim.layer_decay)
+        lines = [
+            f"  {i:>2} {stage.name:<40} lr {optim.lr * scale:<10.3g} "
+            + _describe_unfreeze(self.plan.unfreeze_epoch(i))
+            for i, (stage, scale) in enumerate(zip(self.stages, scales, strict=True))
+        ]
+        return (
+            f"Freeze strategy {self.plan.strategy}, batch norm {self.bn_mode}; backbone stages (stem first):\n"
+            + "\n".join(lines)
+            + f"\n     head lr {optim.lr:.3g}"
+        )
+
+
+def _describe_unfreeze(epoch: int | None) -> str:
+    return "frozen" if epoch is None else "trains" if epoch == 0 else f"trains from epoch {epoch}"
+
+
+class FreezeCallback(Callback):
+    """Runs the model's FrozenStages in every trainer that fits it (the model returns it from
+    `configure_callbacks`): the epoch decides what is frozen, also right after a resume."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # before the strategy wraps the model in DistributedDataParallel
+        frozen: FrozenStages = pl_module.frozen_stages
+        if stage == "fit" and trainer.world_size > 1 and frozen.plan.strategy == "gradual":
+            frozen.enable_grad_masking(epoch=0, training=pl_module.training)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            log.info("%s", pl_module.frozen_stages.describe(pl_module.optim_config))
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning restores per-module modes after validation instead of calling train(), so the
+        # batch-norm modes are set here too
+        pl_module.frozen_stages.apply(trainer.current_epoch, training=True)
+
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        pl_module.frozen_stages.drop_frozen_grads()
 
 
 def set_batchnorm_modes(backbone: nn.Module, bn: str, frozen_param_names: set[str]) -> None:

@@ -11,26 +11,18 @@ import lightning as L
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.tuner import Tuner
 
+from transferlab.config.schema import TuneConfig
 from transferlab.errors import ConfigError
-from transferlab.rundir import write_json
+from transferlab.files import write_json
 
 log = logging.getLogger(__name__)
-
-
-def check_tune(cfg: dict[str, Any]) -> None:
-    low, high = cfg.get("min_lr", 1e-6), cfg.get("max_lr", 1.0)
-    if not (isinstance(low, int | float) and isinstance(high, int | float) and 0 < low < high):
-        raise ConfigError(f"tune.min_lr={low!r} and tune.max_lr={high!r} must satisfy 0 < min_lr < max_lr")
-    steps = cfg.get("num_training", 100)
-    if not isinstance(steps, int) or steps < 2:
-        raise ConfigError(f"tune.num_training={steps!r} must be an integer >= 2")
 
 
 def find_lr(
     trainer: L.Trainer,
     model: L.LightningModule,
     datamodule: L.LightningDataModule,
-    cfg: dict[str, Any],
+    cfg: TuneConfig,
     output_dir: Path,
     loggers: list[Logger],
 ) -> float:
@@ -39,10 +31,10 @@ def find_lr(
     finder = Tuner(trainer).lr_find(
         model,
         datamodule=datamodule,
-        min_lr=cfg.get("min_lr", 1e-6),
-        max_lr=cfg.get("max_lr", 1.0),
-        num_training=cfg.get("num_training", 100),
-        mode=cfg.get("mode", "exponential"),
+        min_lr=cfg.min_lr,
+        max_lr=cfg.max_lr,
+        num_training=cfg.num_training,
+        mode=cfg.mode,
         update_attr=False,
     )
     suggestion = finder.suggestion() if finder is not None else None
@@ -51,8 +43,8 @@ def find_lr(
             "tune.lr_find: the LR finder found no point of steepest descent (too few steps or a loss that "
             "never decreased). Raise tune.num_training or widen tune.min_lr/max_lr, or set optim.lr yourself."
         )
-    previous = model.hparams.optim["lr"]
-    model.hparams.optim["lr"] = float(suggestion)
+    previous = model.optim_config.lr
+    model.set_lr(float(suggestion))
     log.info("LR finder suggests %.3g; optim.lr %.3g -> %.3g", suggestion, previous, suggestion)
     if trainer.is_global_zero:
         _save(finder, float(suggestion), output_dir, loggers)

@@ -18,11 +18,15 @@ import torch
 import torch.nn as nn
 from hydra.utils import get_class
 
-from transferlab.errors import ConfigError
-
-# Keys of optim/*.yaml that are ours, not keyword arguments of the torch optimizer.
-OUR_OPTIM_KEYS = ("_target_", "backbone_lr_mult", "layer_decay", "no_decay_norm_bias")
-SCHEDULERS = ("none", "cosine", "onecycle", "step", "plateau")
+from transferlab.config.schema import (
+    ConstantScheduleConfig,
+    CosineScheduleConfig,
+    OneCycleScheduleConfig,
+    OptimConfig,
+    PlateauScheduleConfig,
+    SchedulerConfig,
+    StepScheduleConfig,
+)
 
 
 @dataclass
@@ -36,34 +40,16 @@ def _no_decay(name: str, param: nn.Parameter) -> bool:
     return param.ndim <= 1 or name.endswith(".bias")  # biases and norm-layer scales/shifts
 
 
-def check_optim(cfg: dict[str, Any]) -> None:
-    target = cfg.get("_target_")
-    try:
-        get_class(target)
-    except Exception:
-        raise ConfigError(f"optim._target_={target!r} is not an importable optimizer class") from None
-    lr = cfg.get("lr")
-    if not isinstance(lr, int | float) or lr <= 0:
-        raise ConfigError(f"optim.lr={lr!r} must be a positive number")
-    decay = cfg.get("layer_decay")
-    if decay is not None and not (isinstance(decay, int | float) and 0 < decay <= 1):
-        raise ConfigError(f"optim.layer_decay={decay!r} must be in (0, 1], or null for no decay")
-    mult = cfg.get("backbone_lr_mult", 1.0)
-    if not isinstance(mult, int | float) or mult < 0:
-        raise ConfigError(f"optim.backbone_lr_mult={mult!r} must be a number >= 0")
-
-
 def stage_lr_scales(num_stages: int, backbone_lr_mult: float, layer_decay: float | None) -> list[float]:
     """LR multiplier of each stage (stem first) relative to the head's."""
     decay = 1.0 if layer_decay is None else layer_decay
     return [backbone_lr_mult * decay ** (num_stages - i) for i in range(num_stages)]
 
 
-def param_groups(stages: Sequence[StageParams], head: nn.Module, cfg: dict[str, Any]) -> list[dict[str, Any]]:
+def param_groups(stages: Sequence[StageParams], head: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
     """The optimizer's groups; each carries `unfreeze_epoch` (0 for the head) for the scheduler."""
-    lr, weight_decay = cfg["lr"], cfg.get("weight_decay", 0.0)
-    split = cfg.get("no_decay_norm_bias", True)
-    scales = stage_lr_scales(len(stages), cfg.get("backbone_lr_mult", 1.0), cfg.get("layer_decay"))
+    lr, weight_decay, split = cfg.lr, cfg.weight_decay, cfg.no_decay_norm_bias
+    scales = stage_lr_scales(len(stages), cfg.backbone_lr_mult, cfg.layer_decay)
     parts = [
         (f"backbone.{i}.{stage.name}", stage.params, lr * scale, stage.unfreeze_epoch)
         for i, (stage, scale) in enumerate(zip(stages, scales, strict=True))
@@ -90,11 +76,9 @@ def param_groups(stages: Sequence[StageParams], head: nn.Module, cfg: dict[str, 
 
 
 def build_optimizer(
-    cfg: dict[str, Any], stages: Sequence[StageParams], head: nn.Module
+    cfg: OptimConfig, stages: Sequence[StageParams], head: nn.Module
 ) -> torch.optim.Optimizer:
-    check_optim(cfg)
-    kwargs = {k: v for k, v in cfg.items() if k not in OUR_OPTIM_KEYS}
-    return get_class(cfg["_target_"])(param_groups(stages, head, cfg), **kwargs)
+    return get_class(cfg._target_)(param_groups(stages, head, cfg), **cfg.optimizer_kwargs())
 
 
 def warmup_cosine_factor(
@@ -117,23 +101,19 @@ def onecycle_factor(step: int, total_steps: int, pct_start: float, div: float, f
     return end + (1.0 - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def schedule_factor(cfg: dict[str, Any], total_steps: int, steps_per_epoch: int) -> Callable[[int], float]:
+def schedule_factor(cfg: SchedulerConfig, total_steps: int, steps_per_epoch: int) -> Callable[[int], float]:
     """The LR multiplier at each optimizer step for the step-based schedules."""
-    name = cfg.get("name", "none")
-    if name == "cosine":
-        warmup_steps = round(cfg.get("warmup_epochs", 0) * steps_per_epoch)
-        min_ratio, start_ratio = cfg.get("min_lr_ratio", 0.0), cfg.get("warmup_start_ratio", 0.01)
+    if isinstance(cfg, CosineScheduleConfig):
+        warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
+        min_ratio, start_ratio = cfg.min_lr_ratio, cfg.warmup_start_ratio
         return lambda step: warmup_cosine_factor(step, warmup_steps, total_steps, min_ratio, start_ratio)
-    if name == "onecycle":
-        pct, div = cfg.get("pct_start", 0.3), cfg.get("div_factor", 25.0)
-        final_div = cfg.get("final_div_factor", 1e4)
+    if isinstance(cfg, OneCycleScheduleConfig):
+        pct, div, final_div = cfg.pct_start, cfg.div_factor, cfg.final_div_factor
         return lambda step: onecycle_factor(step, total_steps, pct, div, final_div)
-    if name == "step":
-        size, gamma = cfg.get("step_size", 10), cfg.get("gamma", 0.1)
+    if isinstance(cfg, StepScheduleConfig):
+        size, gamma = cfg.step_size, cfg.gamma
         return lambda step: gamma ** ((step // steps_per_epoch) // size)
-    if name == "none":
-        return lambda step: 1.0
-    raise ConfigError(f"scheduler.name={name!r} is not valid; choose one of: {', '.join(SCHEDULERS)}")
+    return lambda step: 1.0
 
 
 def _gated(factor: Callable[[int], float], start_step: int) -> Callable[[int], float]:
@@ -143,24 +123,22 @@ def _gated(factor: Callable[[int], float], start_step: int) -> Callable[[int], f
 
 
 def build_scheduler(
-    cfg: dict[str, Any],
+    cfg: SchedulerConfig,
     optimizer: torch.optim.Optimizer,
     total_steps: int,
     steps_per_epoch: int,
 ) -> dict[str, Any] | None:
     """A Lightning `lr_scheduler` config, or None for a constant learning rate with nothing to gate."""
-    name = cfg.get("name", "none")
-    if name == "plateau":
+    if isinstance(cfg, PlateauScheduleConfig):
         # Frozen groups keep their nominal LR here; they get no gradient, so no update either.
-        monitor = cfg.get("monitor", "val/acc")
-        mode = cfg.get("mode") or ("min" if "loss" in monitor else "max")
+        mode = cfg.mode or ("min" if "loss" in cfg.monitor else "max")
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode=mode, factor=cfg.get("factor", 0.1), patience=cfg.get("patience", 3)
+            optimizer, mode=mode, factor=cfg.factor, patience=cfg.patience
         )
-        return {"scheduler": scheduler, "interval": "epoch", "monitor": monitor}
+        return {"scheduler": scheduler, "interval": "epoch", "monitor": cfg.monitor}
     factor = schedule_factor(cfg, total_steps, steps_per_epoch)
-    starts = [group.get("unfreeze_epoch", 0) * steps_per_epoch for group in optimizer.param_groups]
-    if name == "none" and not any(starts):
+    starts = [group["unfreeze_epoch"] * steps_per_epoch for group in optimizer.param_groups]
+    if isinstance(cfg, ConstantScheduleConfig) and not any(starts):
         return None
     lambdas = [_gated(factor, start) for start in starts]
     return {"scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas), "interval": "step"}

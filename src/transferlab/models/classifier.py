@@ -1,33 +1,36 @@
-"""The LightningModule: a backbone, a new head, the loss (`losses.py`), torchmetrics and the optimizer setup."""
+"""The LightningModule: a backbone, a new head, the loss, torchmetrics, and the optimizer setup.
+
+What trains when (the freeze machinery) is `finetune.freeze.FrozenStages`, run by the
+`FreezeCallback` this module hands every trainer that fits it; plots are callbacks too.
+"""
 
 from __future__ import annotations
 
-import logging
 import math
+from dataclasses import asdict
 from typing import Any
 
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torchmetrics import MeanMetric
 
+from transferlab.backbones import Backbone, build_backbone, get_source, load_pretrained
+from transferlab.config import parse_group
+from transferlab.config.schema import LossConfig
 from transferlab.errors import ConfigError
-from transferlab.finetune.freeze import freeze_plan, resolve_bn_mode, set_batchnorm_modes
-from transferlab.finetune.optim import StageParams, build_optimizer, build_scheduler, stage_lr_scales
-from transferlab.models.backbones import Backbone, build_backbone
+from transferlab.finetune.freeze import FreezeCallback, FrozenStages, freeze_plan, resolve_bn_mode
+from transferlab.finetune.optim import StageParams, build_optimizer, build_scheduler
 from transferlab.models.losses import ClassificationLoss
 from transferlab.models.metrics import classification_metrics, per_class_metrics
-from transferlab.models.stages import backbone_stages
-from transferlab.models.weights import load_pretrained
-
-log = logging.getLogger(__name__)
 
 
 class ImageClassifier(L.LightningModule):
     """Backbone + head. Every constructor argument is plain Python data, stored in checkpoints as is,
-    so checkpoints load with `weights_only=True` and carry class names and preprocessing."""
+    so checkpoints load with `weights_only=True` and carry class names and preprocessing; the config
+    groups among them are parsed with the schema (`config.parse_group`)."""
 
     def __init__(
         self,
@@ -47,12 +50,22 @@ class ImageClassifier(L.LightningModule):
                 f"num_classes={num_classes} must be >= 2 and match the {len(class_names)} class names"
             )
         self.save_hyperparameters(logger=False)
-        built = build_backbone(backbone["source"], backbone["name"])
+        self.backbone_config = parse_group("backbone", backbone)
+        self.optim_config = parse_group("optim", optim)
+        self.scheduler_config = parse_group("scheduler", scheduler)
+        freeze_config = parse_group("freeze", freeze)
+        built = build_backbone(self.backbone_config.source, self.backbone_config.name)
         self.backbone = built.module
         self._classifier_prefix = built.classifier_prefix
         self.num_features = built.num_features
-        self.head = instantiate(head, in_features=built.num_features, num_classes=num_classes)
-        self.criterion = ClassificationLoss.from_config(loss or {})
+        self.head = instantiate(to_head_kwargs(head), in_features=built.num_features, num_classes=num_classes)
+        # checkpoints from before the loss options hold no loss: plain cross-entropy
+        spec = (
+            loss
+            if loss is not None
+            else {"name": "cross_entropy", "class_weights": None, **asdict(LossConfig())}
+        )
+        self.criterion = ClassificationLoss(**spec)
         self.train_metrics = classification_metrics(num_classes)
         self.val_metrics = classification_metrics(num_classes)
         self.test_metrics = classification_metrics(num_classes)
@@ -62,20 +75,22 @@ class ImageClassifier(L.LightningModule):
         self.eval_losses = nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
         self.test_split = "test"  # eval.py sets the split name used as metric prefix
         self.test_confusion: torch.Tensor | None = None
-        self.stages = backbone_stages(self.backbone, backbone["source"])
-        self.freeze_plan = freeze_plan(freeze, [stage.name for stage in self.stages])
-        self.bn_mode = resolve_bn_mode(
-            freeze.get("bn", "auto"), pretrained=backbone.get("weights") is not None
-        )
-        self._mask_frozen_grads = False  # set under DDP, see setup()
-        self._frozen_param_names: set[str] = set()
-        self.apply_freeze(epoch=0)
+        self.stages = get_source(self.backbone_config.source).stages(self.backbone)
+        plan = freeze_plan(freeze_config, [stage.name for stage in self.stages])
+        bn_mode = resolve_bn_mode(freeze_config.bn, pretrained=self.backbone_config.weights is not None)
+        self.frozen_stages = FrozenStages(self.backbone, self.stages, plan, bn_mode)
+        self.frozen_stages.apply(epoch=0, training=self.training)
 
-    def load_pretrained_backbone(self, weights: str | None, trust_file: bool = False) -> None:
-        """Fill the backbone from `backbone.weights` (a weights name, a local file, or None)."""
-        hp = self.hparams.backbone
+    def load_pretrained_backbone(self) -> None:
+        """Fill the backbone from `backbone.weights` (a weights name, a local file, or null)."""
+        config = self.backbone_config
         backbone = Backbone(self.backbone, self.num_features, self._classifier_prefix)
-        load_pretrained(backbone, hp["source"], hp["name"], weights, trust_file=trust_file)
+        load_pretrained(backbone, config.source, config.name, config.weights, trust_file=config.trust_file)
+
+    def set_lr(self, lr: float) -> None:
+        """The head's learning rate (the LR finder's suggestion), also in the saved hyperparameters."""
+        self.hparams.optim["lr"] = lr
+        self.optim_config = parse_group("optim", self.hparams.optim)
 
     @property
     def class_names(self) -> list[str]:
@@ -84,74 +99,17 @@ class ImageClassifier(L.LightningModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(images))
 
-    def apply_freeze(self, epoch: int) -> None:
-        """Make exactly the stages the plan trains at `epoch` trainable; the rest get no gradient."""
-        frozen: set[str] = set()
-        params = dict(self.backbone.named_parameters())
-        for index, stage in enumerate(self.stages):
-            trains = self.freeze_plan.trains(index, epoch)
-            if not trains:
-                frozen.update(stage.param_names)
-            # Under DDP, stages that train later keep requires_grad (DDP only syncs what required
-            # grad when it wrapped the model) and lose their gradient in on_before_optimizer_step.
-            keep = self._mask_frozen_grads and self.freeze_plan.ever_trains(index)
-            for name in stage.param_names:
-                params[name].requires_grad_(trains or keep)
-        self._frozen_param_names = frozen
-        if self.training:
-            set_batchnorm_modes(self.backbone, self.bn_mode, frozen)
-
-    def setup(self, stage: str) -> None:
-        # Runs before the strategy wraps the model in DistributedDataParallel.
-        if stage == "fit" and self.trainer.world_size > 1 and self.freeze_plan.strategy == "gradual":
-            self._mask_frozen_grads = True
-            self.apply_freeze(epoch=0)
-
-    def on_fit_start(self) -> None:
-        if self.trainer.is_global_zero:
-            self._log_stages()
-
-    def _log_stages(self) -> None:
-        scales = stage_lr_scales(
-            len(self.stages),
-            self.hparams.optim.get("backbone_lr_mult", 1.0),
-            self.hparams.optim.get("layer_decay"),
-        )
-        lr = self.hparams.optim["lr"]
-        lines = [
-            f"  {i:>2} {stage.name:<40} lr {lr * scale:<10.3g} "
-            + self._describe_unfreeze(self.freeze_plan.unfreeze_epoch(i))
-            for i, (stage, scale) in enumerate(zip(self.stages, scales, strict=True))
-        ]
-        log.info(
-            "Freeze strategy %s, batch norm %s; backbone stages (stem first):\n%s\n     head lr %.3g",
-            self.freeze_plan.strategy,
-            self.bn_mode,
-            "\n".join(lines),
-            lr,
-        )
-
-    @staticmethod
-    def _describe_unfreeze(epoch: int | None) -> str:
-        return "frozen" if epoch is None else "trains" if epoch == 0 else f"trains from epoch {epoch}"
+    def configure_callbacks(self) -> list[Callback]:
+        """Whatever trainer fits this model runs its freeze schedule (once: fit, validate and test
+        of one trainer ask again)."""
+        present = any(isinstance(c, FreezeCallback) for c in self.trainer.callbacks)
+        return [] if present else [FreezeCallback()]
 
     def train(self, mode: bool = True) -> ImageClassifier:
         super().train(mode)
-        if mode:
-            set_batchnorm_modes(self.backbone, self.bn_mode, self._frozen_param_names)
+        if mode:  # modules of frozen stages stay in eval mode
+            self.frozen_stages.set_batchnorm_modes()
         return self
-
-    def on_train_epoch_start(self) -> None:
-        # The epoch decides what is frozen (also right after a resume). Lightning restores per-module
-        # modes after validation instead of calling train(), so batch-norm modes are re-applied here too.
-        self.apply_freeze(self.current_epoch)
-        set_batchnorm_modes(self.backbone, self.bn_mode, self._frozen_param_names)
-
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if self._mask_frozen_grads and self._frozen_param_names:
-            for name, param in self.backbone.named_parameters():
-                if name in self._frozen_param_names:
-                    param.grad = None  # no gradient: the optimizer skips it (no decay, no momentum)
 
     def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str, metrics) -> torch.Tensor:
         images, targets = batch
@@ -206,41 +164,25 @@ class ImageClassifier(L.LightningModule):
         self.test_detail.reset()
         for name, value in zip(self.class_names, detail["acc_class"], strict=True):
             self.log(f"{self.test_split}/acc_class/{name}", value)
-        self.test_confusion = detail["confusion_matrix"].cpu()
-        self._log_confusion_image()
-
-    def _log_confusion_image(self) -> None:
-        tensorboards = [lg for lg in self.loggers if isinstance(lg, TensorBoardLogger)]
-        if not tensorboards or self.trainer.sanity_checking:
-            return
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from torchmetrics.utilities.plot import plot_confusion_matrix
-
-        fig, _ = plot_confusion_matrix(
-            self.test_confusion, add_text=self.hparams.num_classes <= 20, labels=self.class_names
-        )
-        for logger in tensorboards:
-            logger.experiment.add_figure(
-                f"{self.test_split}/confusion_matrix", fig, global_step=self.global_step
-            )
-        plt.close(fig)
+        self.test_confusion = detail["confusion_matrix"].cpu()  # callbacks.ConfusionMatrixImage plots it
 
     def configure_optimizers(self) -> Any:
         params = dict(self.backbone.named_parameters())
+        plan = self.frozen_stages.plan
         stages = [
-            StageParams(
-                stage.name, [(n, params[n]) for n in stage.param_names], self.freeze_plan.unfreeze_epoch(i)
-            )
+            StageParams(stage.name, [(n, params[n]) for n in stage.param_names], plan.unfreeze_epoch(i))
             for i, stage in enumerate(self.stages)
         ]
-        optimizer = build_optimizer(dict(self.hparams.optim), stages, self.head)
+        optimizer = build_optimizer(self.optim_config, stages, self.head)
         total_steps = int(self.trainer.estimated_stepping_batches)
         max_epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
         steps_per_epoch = max(1, math.ceil(total_steps / max_epochs))
-        scheduler = build_scheduler(dict(self.hparams.scheduler), optimizer, total_steps, steps_per_epoch)
+        scheduler = build_scheduler(self.scheduler_config, optimizer, total_steps, steps_per_epoch)
         if scheduler is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+
+def to_head_kwargs(head: dict[str, Any]) -> dict[str, Any]:
+    """The head config as Hydra instantiates it: the schema's keys, checked."""
+    return asdict(parse_group("head", head))

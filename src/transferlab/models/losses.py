@@ -6,8 +6,6 @@ to either, as `nn.CrossEntropyLoss` does: targets * (1 - eps) + eps / K.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -53,28 +51,17 @@ class ClassificationLoss(nn.Module):
 
     def __init__(
         self,
-        name: str = "cross_entropy",
-        class_weights: list[float] | None = None,
-        label_smoothing: float = 0.0,
-        focal_gamma: float = 2.0,
+        name: str,
+        class_weights: list[float] | None,
+        label_smoothing: float,
+        focal_gamma: float,
     ) -> None:
         super().__init__()
         if name not in LOSSES:
             raise ConfigError(f"loss.name={name!r} is not valid; choose one of: {', '.join(LOSSES)}")
-        if focal_gamma < 0:
-            raise ConfigError(f"loss.focal_gamma={focal_gamma} must be >= 0")
         self.name, self.label_smoothing, self.focal_gamma = name, float(label_smoothing), float(focal_gamma)
         weight = torch.tensor(class_weights, dtype=torch.float) if class_weights is not None else None
         self.register_buffer("weight", weight, persistent=False)
-
-    @classmethod
-    def from_config(cls, loss: dict[str, Any]) -> ClassificationLoss:
-        return cls(
-            name=loss.get("name", "cross_entropy"),
-            class_weights=loss.get("class_weights"),
-            label_smoothing=float(loss.get("label_smoothing", 0.0)),
-            focal_gamma=float(loss.get("focal_gamma", 2.0)),
-        )
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if self.name == "focal":

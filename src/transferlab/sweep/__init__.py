@@ -1,1 +1,1 @@
-"""Sweep tools: `python -m transferlab.sweep.summary <multirun dir>`."""
+"""Sweeps: the table of a sweep's jobs (`transferlab summary`)."""

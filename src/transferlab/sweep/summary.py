@@ -1,4 +1,4 @@
-"""Table of a sweep: `python -m transferlab.sweep.summary outputs/multirun/<sweep> [--metric val/acc] [--out DIR]`.
+"""The table of a sweep (`transferlab summary sweep_dir=outputs/multirun/<sweep>`).
 
 One row per job directory (a folder with .hydra/): its overrides, its status (ok: metrics.json,
 failed: error.txt, unfinished: neither, still running or killed), its final metrics. Sorted by the sweep's optimized metric,
@@ -7,7 +7,6 @@ best first; failed and unfinished jobs last. Writes summary.csv and summary.md, 
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -152,21 +151,3 @@ def _heading(jobs: list[Job], metric: str, mode: str) -> str:
     if common := common_overrides(jobs):
         lines.append(f"Every job had: {' '.join(common)}")
     return "".join(line + "\n" for line in lines)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "sweep_dir", type=Path, help="a multirun directory, e.g. outputs/multirun/<time>_<id>"
-    )
-    parser.add_argument("--metric", help="sort by this metric (default: the sweep's optimized_metric)")
-    parser.add_argument(
-        "--mode", choices=("max", "min"), help="better direction of --metric (default: guessed)"
-    )
-    parser.add_argument("--out", type=Path, help="where summary.csv and summary.md go (default: sweep_dir)")
-    args = parser.parse_args(argv)
-    print(write_summary(args.sweep_dir, args.metric, args.out, args.mode), end="")
-
-
-if __name__ == "__main__":
-    main()

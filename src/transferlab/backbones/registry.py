@@ -1,0 +1,93 @@
+"""Backbone sources, discovered: each module of `transferlab.backbones.sources` is one source.
+
+A source (torchvision, timm, ...) knows its model names, builds an architecture with its
+classification layer removed, says what preprocessing its weights expect, fetches its named
+weights and splits a model into stages. Adding a source means adding one module that defines
+`SOURCE = <instance>`; nothing here lists them, so nothing here changes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+import torch
+import torch.nn as nn
+
+from transferlab.errors import ConfigError
+
+if TYPE_CHECKING:
+    from transferlab.backbones.stages import Stage
+    from transferlab.data.transforms import Preprocessing
+
+SOURCES_PACKAGE = "transferlab.backbones.sources"
+# Listed first in choices and errors: the default source, the one that needs no extra install.
+_FIRST = "torchvision"
+
+
+@dataclass
+class Backbone:
+    module: nn.Module  # images (B, 3, H, W) -> pooled features (B, num_features)
+    num_features: int
+    classifier_prefix: str  # state-dict prefix of the removed classification layer, e.g. "fc"
+
+
+@runtime_checkable
+class BackboneSource(Protocol):
+    """What a source of backbones provides; `name` is the value of `backbone.source`."""
+
+    name: str
+
+    def check_available(self) -> None:
+        """ConfigError saying what to pip install when the source's library is missing."""
+        ...
+
+    def check_name(self, model: str) -> None:
+        """ConfigError naming `backbone.name` and listing valid or similar names."""
+        ...
+
+    def check_weights(self, model: str, weights: str) -> None:
+        """ConfigError listing the valid names when `weights` (a name, not a file) is not one of `model`'s."""
+        ...
+
+    def build(self, model: str) -> Backbone:
+        """Architecture only, random init, the classification layer replaced by nn.Identity."""
+        ...
+
+    def preprocessing(self, model: str, weights: str | None) -> Preprocessing:
+        """What `weights` expect; for random init or a local file, the architecture's default weights;
+        ImageNet conventions when none are published."""
+        ...
+
+    def pretrained_state(self, model: str, weights: str) -> dict[str, torch.Tensor]:
+        """The named weights' state_dict, from the cache or a download that fails fast offline."""
+        ...
+
+    def stages(self, module: nn.Module) -> list[Stage]:
+        """The built module's stages, stem first; every parameter in exactly one stage."""
+        ...
+
+
+def source_names() -> tuple[str, ...]:
+    """The sources present, listed without importing them (and so without their libraries)."""
+    package = importlib.import_module(SOURCES_PACKAGE)
+    names = sorted(
+        info.name for info in pkgutil.iter_modules(package.__path__) if not info.name.startswith("_")
+    )
+    return tuple(sorted(names, key=lambda name: name != _FIRST))  # stable: the rest stay sorted
+
+
+def get_source(name: str) -> BackboneSource:
+    """The source named by `backbone.source`; its module is imported only now."""
+    names = source_names()
+    if name not in names:
+        raise ConfigError(f"backbone.source={name!r} is not valid; choose one of: {', '.join(names)}")
+    module = importlib.import_module(f"{SOURCES_PACKAGE}.{name}")
+    source = getattr(module, "SOURCE", None)
+    if source is None or getattr(source, "name", None) != name:
+        raise TypeError(
+            f"{module.__name__} must define SOURCE, a BackboneSource whose name is {name!r}; got {source!r}"
+        )
+    return source

@@ -1,0 +1,131 @@
+"""From a composed config (or the plain data a checkpoint or a saved run holds) to the schema's
+dataclasses: types checked, unknown keys refused, values checked, once, before any data is read."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
+
+from transferlab.config import schema as s
+from transferlab.config.store import ALIASES, DISCRIMINATORS, OPTIONS
+from transferlab.errors import ConfigError
+
+GROUPS = tuple(OPTIONS)
+
+
+def to_plain(node: Any) -> Any:
+    """A resolved plain-Python copy of a config node; a dataclass of the schema as a dict."""
+    if dataclasses.is_dataclass(node):
+        return dataclasses.asdict(node)
+    if isinstance(node, DictConfig):
+        return OmegaConf.to_container(node, resolve=True)
+    return node
+
+
+def schema_for(group: str, values: Mapping[str, Any]) -> type:
+    """The option's schema, told by its `name` (or `_target_`); an unknown one lists the valid ones."""
+    options = OPTIONS[group]
+    if len(options) == 1:
+        return next(iter(options.values()))
+    key = DISCRIMINATORS.get(group, "name")
+    value = values.get(key) if isinstance(values, Mapping) else None
+    value = ALIASES.get(group, {}).get(value, value)
+    by_value = {getattr(schema, key): schema for schema in options.values()}
+    if value not in by_value:
+        valid = [*by_value, *ALIASES.get(group, {})]
+        raise ConfigError(f"{group}.{key}={value!r} is not valid; choose one of: {', '.join(valid)}")
+    return by_value[value]
+
+
+def _option_name(group: str, schema: type) -> str:
+    return next(name for name, option in OPTIONS[group].items() if option is schema)
+
+
+def build(schema: type, values: Mapping[str, Any], where: str, option: str) -> Any:
+    """`values` merged into `schema`: types converted or refused, unknown keys refused, then the
+    dataclass is made (its `__post_init__` checks the values). `where` prefixes keys in messages."""
+    try:
+        node = OmegaConf.merge(OmegaConf.structured(schema), dict(values))
+        return OmegaConf.to_object(node)
+    except ConfigKeyError as err:
+        known = ", ".join(f.name for f in dataclasses.fields(schema))
+        raise ConfigError(
+            f"{where}{err.key} is not a key of {option}; its keys are: {known}. "
+            "(A `+key=value` override adds keys that nothing reads: check the spelling.)"
+        ) from None
+    except MissingMandatoryValue as err:
+        raise ConfigError(f"{where}{err.full_key} must be set ({option} has no default for it)") from None
+    except OmegaConfBaseException as err:
+        first = str(err).splitlines()[0]
+        raise ConfigError(f"{where}{err.full_key}: {first}") from None
+
+
+def parse_group(group: str, values: Mapping[str, Any]) -> Any:
+    """One group's dataclass from a mapping, e.g. `parse_group("data", {"name": "digits"})`."""
+    if isinstance(values, DictConfig):
+        values = OmegaConf.to_container(values, resolve=True)
+    schema = schema_for(group, values)
+    values = dict(values)
+    if group in ALIASES and "name" in values:
+        values["name"] = ALIASES[group].get(values["name"], values["name"])
+    option = f"{group}={_option_name(group, schema)}"
+    return build(schema, values, f"{group}.", option)
+
+
+def _plain_config(cfg: DictConfig) -> dict[str, Any]:
+    try:
+        plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as err:
+        raise ConfigError(f"{err.full_key} must be set, e.g. {err.full_key}=...") from None
+    plain.pop("hydra", None)
+    return plain
+
+
+def parse_train_config(cfg: DictConfig) -> s.TrainConfig:
+    """train.yaml's config as dataclasses; every check that needs neither data nor a model."""
+    plain = _plain_config(cfg)
+    groups = {group: parse_group(group, plain[group]) for group in GROUPS}
+    config = build(s.TrainConfig, plain, "", "train.yaml")
+    config = dataclasses.replace(config, **groups)
+    check_trainer(config.trainer)
+    _check_milestones(config.freeze, config.trainer["max_epochs"])
+    return config
+
+
+def parse_eval_config(cfg: DictConfig) -> s.EvalConfig:
+    """eval.yaml's config; `data` stays a mapping of the keys that were set (see `eval_data_config`)."""
+    plain = _plain_config(cfg)
+    config = build(s.EvalConfig, plain, "", "eval.yaml")
+    check_trainer(config.trainer)
+    return config
+
+
+def check_trainer(trainer: Mapping[str, Any]) -> None:
+    """Every `trainer.*` key is an argument of Lightning's Trainer (it owns their types and defaults)."""
+    import lightning as L
+
+    accepted = set(inspect.signature(L.Trainer.__init__).parameters) | {"_target_"}
+    unknown = sorted(set(trainer) - accepted)
+    if unknown:
+        raise ConfigError(
+            f"trainer.{unknown[0]} is not an argument of lightning.Trainer; see "
+            "https://lightning.ai/docs/pytorch/stable/common/trainer.html#trainer-class-api"
+        )
+    max_epochs = trainer.get("max_epochs")
+    if max_epochs is not None and (not isinstance(max_epochs, int) or max_epochs < -1):
+        raise ConfigError(f"trainer.max_epochs={max_epochs!r} must be an integer >= 0 (or -1: no limit)")
+
+
+def _check_milestones(freeze: s.FreezeConfig, max_epochs: int | None) -> None:
+    if isinstance(freeze, s.GradualUnfreezeConfig) and max_epochs is not None and max_epochs > 0:
+        last = freeze.milestones[-1]
+        if last >= max_epochs:
+            raise ConfigError(
+                f"freeze.milestones={list(freeze.milestones)}: epoch {last} is past the last epoch "
+                f"(trainer.max_epochs={max_epochs} trains epochs 0..{max_epochs - 1})"
+            )

@@ -1,0 +1,635 @@
+"""The config schema: every key of every group, with its type, default and allowed values, in one place.
+
+Each group option is a dataclass. Hydra composes with them (`config.store` registers them as
+`schema/<group>/<option>`; the YAML presets in `conf/<group>/` start from one and set only the values
+that differ), so a value of the wrong type fails at composition, naming the key. `__post_init__` checks
+what a type cannot say (ranges, choices) when `config.parse` builds the dataclass, before any data is
+read; the messages name the key and the valid choices. Code reads attributes of these dataclasses:
+there are no defaults anywhere else.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+from omegaconf import MISSING
+
+from transferlab.errors import ConfigError
+
+INTERPOLATIONS = ("nearest", "nearest-exact", "bilinear", "bicubic", "box", "hamming", "lanczos")
+SPLITS = ("train", "val", "test")
+
+
+def check_choice(value: Any, key: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(choices)}")
+
+
+def check_int(value: Any, key: str, minimum: int, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ConfigError(f"{key}={value!r} must be an integer >= {minimum}")
+
+
+def check_range(value: float | None, key: str, low: float, high: float, text: str) -> None:
+    """`text` states the range as the user reads it, e.g. '(0, 1]'; low and high are inclusive."""
+    if value is not None and not low <= value <= high:
+        raise ConfigError(f"{key}={value} must be in {text}")
+
+
+@dataclass
+class Group:
+    """A config group's option; GROUP is the key its errors name (`data`, `optim`, ...)."""
+
+    GROUP: ClassVar[str] = ""
+
+
+# --- backbone ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class BackboneConfig(Group):
+    GROUP: ClassVar[str] = "backbone"
+    source: str = "torchvision"  # a module of transferlab.backbones.sources (torchvision, timm, ...)
+    name: str = MISSING  # a model of that source
+    weights: str | None = "DEFAULT"  # a weights name of the source, a local file, or null (random init)
+    trust_file: bool = False  # true: load a local weights file with full unpickling (files you trust only)
+
+
+# --- head -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class HeadConfig(Group):
+    GROUP: ClassVar[str] = "head"
+    _target_: str = MISSING
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"head.dropout={self.dropout} must be in [0, 1)")
+
+
+@dataclass
+class LinearHeadConfig(HeadConfig):
+    """One linear layer on the pooled features (optional dropout first)."""
+
+    _target_: str = "transferlab.models.heads.LinearHead"
+
+
+@dataclass
+class MLPHeadConfig(HeadConfig):
+    """Linear(hidden_dim) -> ReLU -> Dropout -> Linear."""
+
+    _target_: str = "transferlab.models.heads.MLPHead"
+    hidden_dim: int = 256
+    dropout: float = 0.5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int(self.hidden_dim, "head.hidden_dim", 1)
+
+
+# --- optim ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class OptimConfig(Group):
+    """Our keys; each subclass adds its optimizer's own keyword arguments."""
+
+    GROUP: ClassVar[str] = "optim"
+    OURS: ClassVar[tuple[str, ...]] = ("_target_", "backbone_lr_mult", "layer_decay", "no_decay_norm_bias")
+    _target_: str = MISSING
+    lr: float = MISSING  # the head's learning rate; backbone stages scale it
+    weight_decay: float = 0.0
+    backbone_lr_mult: float = 1.0  # backbone LR = lr * this
+    layer_decay: float | None = (
+        None  # in (0, 1]: stage i of n gets lr * backbone_lr_mult * layer_decay ** (n - i)
+    )
+    no_decay_norm_bias: bool = True  # no weight decay on biases and normalisation weights
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr={self.lr!r} must be a positive number")
+        if self.weight_decay < 0:
+            raise ConfigError(f"optim.weight_decay={self.weight_decay} must be >= 0")
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            raise ConfigError(
+                f"optim.layer_decay={self.layer_decay!r} must be in (0, 1], or null for no decay"
+            )
+        if self.backbone_lr_mult < 0:
+            raise ConfigError(f"optim.backbone_lr_mult={self.backbone_lr_mult!r} must be a number >= 0")
+
+    def optimizer_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of the torch optimizer: every field that is not ours."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self.OURS}
+
+
+@dataclass
+class SGDConfig(OptimConfig):
+    """SGD with Nesterov momentum: the classic CNN fine-tuning optimizer."""
+
+    _target_: str = "torch.optim.SGD"
+    lr: float = 0.01
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 1.0e-4
+
+
+@dataclass
+class AdamConfig(OptimConfig):
+    """Adam: weight decay as L2 in the gradient."""
+
+    _target_: str = "torch.optim.Adam"
+    lr: float = 1.0e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1.0e-8
+
+
+@dataclass
+class AdamWConfig(AdamConfig):
+    """AdamW: decoupled weight decay; the default for transformers and ConvNeXt."""
+
+    _target_: str = "torch.optim.AdamW"
+    lr: float = 3.0e-4
+    weight_decay: float = 0.05
+
+
+@dataclass
+class RMSpropConfig(OptimConfig):
+    """RMSprop: the optimizer of the MobileNet/EfficientNet recipes."""
+
+    _target_: str = "torch.optim.RMSprop"
+    lr: float = 1.0e-3
+    alpha: float = 0.9
+    momentum: float = 0.9
+    eps: float = 1.0e-3
+    weight_decay: float = 1.0e-5
+
+
+# --- scheduler --------------------------------------------------------------------------------------
+
+
+@dataclass
+class SchedulerConfig(Group):
+    GROUP: ClassVar[str] = "scheduler"
+    name: str = MISSING
+
+
+@dataclass
+class ConstantScheduleConfig(SchedulerConfig):
+    name: str = "none"
+
+
+@dataclass
+class CosineScheduleConfig(SchedulerConfig):
+    """Linear warmup, then cosine decay; stepped every optimizer step."""
+
+    name: str = "cosine"
+    warmup_epochs: float = 1.0  # may be fractional
+    warmup_start_ratio: float = 0.01  # warmup starts at lr * this
+    min_lr_ratio: float = 0.01  # cosine ends at lr * this
+
+    def __post_init__(self) -> None:
+        if self.warmup_epochs < 0:
+            raise ConfigError(f"scheduler.warmup_epochs={self.warmup_epochs} must be >= 0")
+        check_range(self.warmup_start_ratio, "scheduler.warmup_start_ratio", 0.0, 1.0, "[0, 1]")
+        check_range(self.min_lr_ratio, "scheduler.min_lr_ratio", 0.0, 1.0, "[0, 1]")
+
+
+@dataclass
+class OneCycleScheduleConfig(SchedulerConfig):
+    """OneCycleLR's curve: lr/div_factor up to lr over pct_start, then down to lr/(div_factor*final_div_factor)."""
+
+    name: str = "onecycle"
+    pct_start: float = 0.3
+    div_factor: float = 25.0
+    final_div_factor: float = 1.0e4
+
+    def __post_init__(self) -> None:
+        check_range(self.pct_start, "scheduler.pct_start", 0.0, 1.0, "[0, 1]")
+        for key in ("div_factor", "final_div_factor"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"scheduler.{key}={getattr(self, key)} must be >= 1")
+
+
+@dataclass
+class StepScheduleConfig(SchedulerConfig):
+    """Multiply the learning rate by gamma every step_size epochs."""
+
+    name: str = "step"
+    step_size: int = 10
+    gamma: float = 0.1
+
+    def __post_init__(self) -> None:
+        check_int(self.step_size, "scheduler.step_size", 1)
+        check_range(self.gamma, "scheduler.gamma", 0.0, 1.0, "[0, 1]")
+
+
+@dataclass
+class PlateauScheduleConfig(SchedulerConfig):
+    """Multiply the learning rate by `factor` when the monitored metric stops improving."""
+
+    name: str = "plateau"
+    monitor: str = MISSING  # the preset sets ${optimized_metric}
+    mode: str | None = None  # min | max; null = min for a loss, max otherwise
+    factor: float = 0.1
+    patience: int = 3  # epochs without improvement before the reduction
+
+    def __post_init__(self) -> None:
+        if self.mode is not None:
+            check_choice(self.mode, "scheduler.mode", ("min", "max"))
+        check_range(self.factor, "scheduler.factor", 0.0, 1.0, "[0, 1]")
+        check_int(self.patience, "scheduler.patience", 0)
+
+
+# --- freeze -----------------------------------------------------------------------------------------
+
+BN_MODES = ("auto", "train", "eval")
+
+
+@dataclass
+class FreezeConfig(Group):
+    GROUP: ClassVar[str] = "freeze"
+    name: str = MISSING
+    # batch norm in trainable stages: auto (eval from pretrained weights, train from scratch), train, eval
+    bn: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_choice(self.bn, "freeze.bn", BN_MODES)
+
+
+@dataclass
+class FullFinetuneConfig(FreezeConfig):
+    """Every backbone stage trains from the first step."""
+
+    name: str = "full"
+
+
+@dataclass
+class LinearProbeConfig(FreezeConfig):
+    """The backbone is a frozen feature extractor (batch norm statistics too); only the head trains."""
+
+    name: str = "linear_probe"
+    bn: str = "eval"
+
+
+@dataclass
+class PartialFinetuneConfig(FreezeConfig):
+    """The last `trainable_blocks` backbone stages train, the earlier ones never."""
+
+    name: str = "partial"
+    trainable_blocks: int = 1  # counted from the top; 0 = linear probe
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int(self.trainable_blocks, "freeze.trainable_blocks", 0)
+
+
+@dataclass
+class GradualUnfreezeConfig(FreezeConfig):
+    """Head only until the first milestone, then `unfreeze_per_milestone` more stages at each one."""
+
+    name: str = "gradual"
+    milestones: list[int] = field(default_factory=lambda: [2, 5])  # epochs; the last unfreezes all
+    unfreeze_per_milestone: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.milestones:
+            raise ConfigError("freeze=gradual needs freeze.milestones, e.g. freeze.milestones=[2,5]")
+        for value in self.milestones:
+            check_int(value, "freeze.milestones entry", 1)
+        if any(b <= a for a, b in itertools.pairwise(self.milestones)):
+            raise ConfigError(f"freeze.milestones={list(self.milestones)} must be strictly increasing epochs")
+        check_int(self.unfreeze_per_milestone, "freeze.unfreeze_per_milestone", 1)
+
+
+# --- data -------------------------------------------------------------------------------------------
+
+IMBALANCE_OPTIONS = ("none", "class_weights", "sampler", "focal")
+SCAN_MODES = ("fast", "full")  # fast: headers + cheap checks; full: decode every file
+EMPTY_CLASS_POLICIES = ("error", "drop")
+PIL_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb limit (1024 * 1024 * 1024 // 4 // 3)
+
+
+@dataclass
+class DataConfig(Group):
+    GROUP: ClassVar[str] = "data"
+    name: str = MISSING
+    root: str | None = None
+    classes: Any = None  # keep a subset of classes: names or ids, e.g. [5,6,7,8,9]
+    shots: int | None = None  # keep N training images per class (few-shot)
+    shots_seed: int | None = None  # which N images; null = the run's seed
+    split_seed: int = 0  # the stratified splits we make are fixed by this seed
+    val_fraction: float = 0.2  # held out from train when the data has no val split
+    image_size: int | None = None  # crop size; null = what the backbone's weights expect
+    mean: list[float] | None = None  # normalisation; null = the weights' mean/std
+    std: list[float] | None = None
+    interpolation: str | None = None  # null = the weights' interpolation
+    batch_size: int = 32
+    num_workers: Any = "auto"  # auto = usable cores (per training process) - 1, at most 8; or a number
+    imbalance: str = "none"  # none | class_weights (weighted loss) | sampler (weighted sampler) | focal
+    class_fraction: Any = None  # keep a fraction of some classes' training images, e.g. {3: 0.1}
+    # what augmentation must respect, because it would change an image's label:
+    allow_hflip: bool = True  # false: never flip horizontally
+    min_crop_scale: float | None = None  # random crops keep at least this share of the image area
+    # image folders: the scan before training
+    scan: str = "fast"  # fast: headers + cheap checks; full: decode every file
+    skip_bad: bool = False  # true: skip bad files (listed in bad_files.txt); false: stop
+    empty_classes: str = "error"  # error | drop: a class folder without usable images
+    max_image_pixels: int = PIL_MAX_PIXELS  # larger images are bad files, never decoded
+
+    def __post_init__(self) -> None:
+        check_int(self.batch_size, "data.batch_size", 1)
+        for key in ("shots", "image_size"):
+            check_int(getattr(self, key), f"data.{key}", 1, optional=True)
+        check_int(self.max_image_pixels, "data.max_image_pixels", 1)
+        if self.num_workers != "auto" and (
+            not isinstance(self.num_workers, int)
+            or isinstance(self.num_workers, bool)
+            or self.num_workers < 0
+        ):
+            raise ConfigError(f"data.num_workers={self.num_workers!r} must be 'auto' or an integer >= 0")
+        check_choice(self.imbalance, "data.imbalance", IMBALANCE_OPTIONS)
+        check_choice(self.scan, "data.scan", SCAN_MODES)
+        check_choice(self.empty_classes, "data.empty_classes", EMPTY_CLASS_POLICIES)
+        if self.interpolation is not None:
+            check_choice(self.interpolation, "data.interpolation", INTERPOLATIONS)
+        for key in ("mean", "std"):
+            values = getattr(self, key)
+            if values is not None and len(values) != 3:
+                raise ConfigError(f"data.{key}={list(values)} must have 3 values (R, G, B)")
+        if self.min_crop_scale is not None and not 0 < self.min_crop_scale <= 1:
+            raise ConfigError(f"data.min_crop_scale={self.min_crop_scale} must be in (0, 1]")
+        if self.classes is not None and (not isinstance(self.classes, list) or len(self.classes) < 2):
+            raise ConfigError(
+                f"data.classes={self.classes!r} must list at least 2 classes, or be null for all of them"
+            )
+        self._check_fractions(self.test_fraction)
+
+    @property
+    def test_fraction(self) -> float:
+        """The share held out as the test split when the data has none (datasets that do override it)."""
+        return 0.0
+
+    def _check_fractions(self, test: float) -> None:
+        val = self.val_fraction
+        if not 0 < val < 1 or not 0 <= test < 1 or val + test >= 1:
+            raise ConfigError(
+                f"data.val_fraction={val} and data.test_fraction={test}: each must be in [0, 1) (val > 0), "
+                "their sum below 1"
+            )
+
+
+@dataclass
+class DigitsConfig(DataConfig):
+    """scikit-learn's handwritten digits: 1797 real 8x8 grayscale images of 10 classes, shipped offline."""
+
+    name: str = "digits"
+    test_fraction: float = 0.2  # fixed stratified train/val/test split (60/20/20) by data.split_seed
+    image_size: int | None = 32  # upsampled from 8x8; 224 would only cost time
+    batch_size: int = 64
+    num_workers: Any = 0  # in memory: workers add only overhead
+    allow_hflip: bool = False  # a mirrored digit is another glyph
+    min_crop_scale: float | None = 0.8  # a smaller crop of an 8x8 digit cuts strokes off
+
+
+@dataclass
+class Cifar10Config(DataConfig):
+    """torchvision's CIFAR-10 (60k 32x32 images, 10 classes) under data.root; downloaded when missing."""
+
+    name: str = "cifar10"
+    download: bool = True
+    val_fraction: float = 0.1  # held out from the 50k training images, stratified
+
+
+@dataclass
+class ImageFolderConfig(DataConfig):
+    """Your images: root/train/<class>/ (optional val/, test/), or root/<class>/ split by us."""
+
+    name: str = "imagefolder"
+    root: str | None = MISSING
+    test_fraction: float = 0.0  # > 0 and no test/: hold out this stratified share as the test split
+
+
+# --- augment ----------------------------------------------------------------------------------------
+
+AUTOAUGMENT_POLICIES = ("imagenet", "cifar10", "svhn")
+MAGNITUDE_BINS = 31  # torchvision's RandAugment and TrivialAugmentWide: magnitudes 0..30
+
+
+@dataclass
+class AugmentConfig(Group):
+    GROUP: ClassVar[str] = "augment"
+    name: str = MISSING
+    crop_scale: list[float] = field(default_factory=lambda: [0.5, 1.0])  # RandomResizedCrop area range
+    hflip: bool = True  # random horizontal flip, unless the data forbids it (data.allow_hflip=false)
+    mixup_alpha: float = 0.0  # > 0: mixup on training batches, weight ~ Beta(alpha, alpha); soft targets
+    cutmix_alpha: float = 0.0  # > 0: cutmix; with both > 0, each batch gets one of the two
+
+    def __post_init__(self) -> None:
+        scale = list(self.crop_scale)
+        if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+            raise ConfigError(f"augment.crop_scale={scale} must be [low, high] with 0 < low <= high <= 1")
+        for key in ("mixup_alpha", "cutmix_alpha"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"augment.{key}={getattr(self, key)} must be >= 0 (0 turns it off)")
+
+
+@dataclass
+class NoAugmentConfig(AugmentConfig):
+    """Training images are resized and center-cropped exactly like evaluation images."""
+
+    name: str = "none"
+
+
+@dataclass
+class BasicAugmentConfig(AugmentConfig):
+    """Random resized crop + horizontal flip."""
+
+    name: str = "basic"
+
+
+@dataclass
+class RandAugmentConfig(AugmentConfig):
+    """Basic, then RandAugment: num_ops random operations of the same magnitude."""
+
+    name: str = "randaugment"
+    num_ops: int = 2
+    magnitude: int = 9  # 0..30
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int(self.num_ops, "augment.num_ops", 0)
+        if not 0 <= self.magnitude < MAGNITUDE_BINS:
+            raise ConfigError(f"augment.magnitude={self.magnitude} must be in 0..{MAGNITUDE_BINS - 1}")
+
+
+@dataclass
+class TrivialAugmentConfig(AugmentConfig):
+    """Basic, then TrivialAugmentWide: one random operation of random magnitude."""
+
+    name: str = "trivialaugment"
+
+
+@dataclass
+class AutoAugmentConfig(AugmentConfig):
+    """Basic, then AutoAugment's learned policy."""
+
+    name: str = "autoaugment"
+    policy: str = "imagenet"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice(self.policy, "augment.policy", AUTOAUGMENT_POLICIES)
+
+
+# --- keys at the top level of train.yaml --------------------------------------------------------------
+
+
+@dataclass
+class LossConfig(Group):
+    GROUP: ClassVar[str] = "loss"
+    label_smoothing: float = 0.0  # also applied to mixup/cutmix soft targets
+    focal_gamma: float = 2.0  # data.imbalance=focal: (1 - p)^gamma down-weights easy images
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"loss.label_smoothing={self.label_smoothing} must be in [0, 1)")
+        if self.focal_gamma < 0:
+            raise ConfigError(f"loss.focal_gamma={self.focal_gamma} must be >= 0")
+
+
+@dataclass
+class ModelConfig(Group):
+    GROUP: ClassVar[str] = "model"
+    compile: bool = False  # torch.compile the backbone (slow first batches; for long GPU runs)
+    channels_last: bool = False  # NHWC weights and inputs: faster convolutions on GPUs with mixed precision
+
+
+@dataclass
+class TuneConfig(Group):
+    GROUP: ClassVar[str] = "tune"
+    lr_find: bool = False  # run Lightning's LR finder first and train with its suggestion as optim.lr
+    min_lr: float = 1.0e-6  # range of the test
+    max_lr: float = 1.0
+    num_training: int = 100  # LRs tried, one batch each
+    mode: str = "exponential"  # or linear spacing
+
+    def __post_init__(self) -> None:
+        if not 0 < self.min_lr < self.max_lr:
+            raise ConfigError(
+                f"tune.min_lr={self.min_lr!r} and tune.max_lr={self.max_lr!r} must satisfy 0 < min_lr < max_lr"
+            )
+        check_int(self.num_training, "tune.num_training", 2)
+        check_choice(self.mode, "tune.mode", ("exponential", "linear"))
+
+
+@dataclass
+class PathsConfig(Group):
+    GROUP: ClassVar[str] = "paths"
+    output_root: str = "outputs"  # runs in <output_root>/runs/<time>_<id>/, sweeps in <output_root>/multirun/
+    data_dir: str = "data"  # where downloaded datasets go
+    output_dir: str = "${hydra:runtime.output_dir}"  # this run's directory
+
+
+@dataclass
+class TrainConfig:
+    """The top-level keys of train.yaml; the groups are composed beside them."""
+
+    task_name: str = "train"
+    seed: int = 42
+    optimized_metric: str = "val/acc"  # what best.ckpt is chosen by and what train() returns to sweepers
+    optimized_mode: str = "max"  # max | min: the better direction of optimized_metric
+    ckpt_path: str | None = None  # start a new run from this checkpoint's full state
+    resume: str | None = None  # a run directory: continue that run (its config, last.ckpt, directory)
+    test_after_fit: bool = True  # test the best checkpoint when the data has a test split
+    loss: LossConfig = field(default_factory=LossConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    # groups (conf/<group>/): typed by their own options' schemas
+    backbone: Any = MISSING
+    head: Any = MISSING
+    optim: Any = MISSING
+    scheduler: Any = MISSING
+    freeze: Any = MISSING
+    data: Any = MISSING
+    augment: Any = MISSING
+    trainer: Any = MISSING  # Lightning's Trainer arguments
+    logger: Any = None  # {name: a Lightning logger config}
+    callbacks: Any = None  # {name: a Lightning callback config}
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+    def __post_init__(self) -> None:
+        check_choice(self.optimized_mode, "optimized_mode", ("max", "min"))
+
+
+@dataclass
+class EvalConfig:
+    """The top-level keys of eval.yaml."""
+
+    task_name: str = "eval"
+    ckpt_path: str = MISSING  # outputs/runs/<run>/checkpoints/best.ckpt
+    split: str = "test"  # train | val | test
+    seed: int = 42
+    trust_checkpoint: bool = False  # true loads the checkpoint with full unpickling (files you trust only)
+    data: Any = MISSING  # the checkpoint's data config, with any key given here on top
+    trainer: Any = MISSING
+    logger: Any = None
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+    def __post_init__(self) -> None:
+        check_choice(self.split, "split", SPLITS)
+
+
+# --- the tools' own keys (conf/<tool>.yaml) -----------------------------------------------------------
+
+
+@dataclass
+class SummaryConfig:
+    """`transferlab summary`: the table of a sweep."""
+
+    sweep_dir: str = MISSING  # a multirun directory, e.g. outputs/multirun/<time>_<id>
+    metric: str | None = None  # sort by this metric; null = the sweep's optimized_metric
+    mode: str | None = (
+        None  # max | min: the better direction of `metric`; null = the sweep's, or min for losses
+    )
+    out: str | None = None  # where summary.csv and summary.md go; null = the sweep directory
+
+    def __post_init__(self) -> None:
+        if self.mode is not None:
+            check_choice(self.mode, "mode", ("max", "min"))
+
+
+DEMO_METHODS = (
+    "scratch",
+    "linear_probe",
+    "partial",
+    "gradual",
+    "lp_ft",
+    "full",
+    "full_discriminative",
+    "full_layer_decay",
+)
+
+
+@dataclass
+class DemoConfig:
+    """`transferlab demo`: pretrain on digits 0-4, then compare methods on digits 5-9 with few labels."""
+
+    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])  # one target-task run per seed and method
+    shots: int | None = None  # labelled images per target class; null = the recipe's (2)
+    methods: list[str] = field(default_factory=lambda: ["full", "linear_probe", "scratch"])
+    out: str | None = None  # the demo's directory; null = outputs/demo/<time>
+    overrides: list[str] = field(default_factory=list)  # train.py overrides for every run
+
+    def __post_init__(self) -> None:
+        for method in self.methods:
+            check_choice(method, "methods entry", DEMO_METHODS)
+        check_int(self.shots, "shots", 1, optional=True)
+        if not self.seeds:
+            raise ConfigError("seeds must list at least one seed")

@@ -1,0 +1,93 @@
+"""What Hydra composes with: the schemas in its ConfigStore, and our resolvers.
+
+Tools call `register_configs()` before Hydra composes (`tools/app.py`); nothing registers on import.
+Each YAML preset in `conf/<group>/` starts from `/schema/<group>@_here_: <option>`.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import fields, make_dataclass
+from typing import Any
+
+from hydra import compose, initialize_config_module
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from transferlab.config import schema as s
+from transferlab.runtime import slurm_run_name
+
+# group -> option -> schema. The option's discriminating key (`name`, or `_target_` for classes that
+# Hydra instantiates) tells which schema a plain mapping (a checkpoint's, a saved run's) belongs to.
+OPTIONS: dict[str, dict[str, type]] = {
+    "backbone": {"backbone": s.BackboneConfig},
+    "head": {"linear": s.LinearHeadConfig, "mlp": s.MLPHeadConfig},
+    "optim": {"sgd": s.SGDConfig, "adam": s.AdamConfig, "adamw": s.AdamWConfig, "rmsprop": s.RMSpropConfig},
+    "scheduler": {
+        "none": s.ConstantScheduleConfig,
+        "cosine": s.CosineScheduleConfig,
+        "onecycle": s.OneCycleScheduleConfig,
+        "step": s.StepScheduleConfig,
+        "plateau": s.PlateauScheduleConfig,
+    },
+    "freeze": {
+        "full": s.FullFinetuneConfig,
+        "linear_probe": s.LinearProbeConfig,
+        "partial": s.PartialFinetuneConfig,
+        "gradual": s.GradualUnfreezeConfig,
+    },
+    "data": {"digits": s.DigitsConfig, "cifar10": s.Cifar10Config, "imagefolder": s.ImageFolderConfig},
+    "augment": {
+        "none": s.NoAugmentConfig,
+        "basic": s.BasicAugmentConfig,
+        "randaugment": s.RandAugmentConfig,
+        "trivialaugment": s.TrivialAugmentConfig,
+        "autoaugment": s.AutoAugmentConfig,
+    },
+}
+DISCRIMINATORS = {"head": "_target_", "optim": "_target_"}  # the others: `name` (backbone: one schema)
+ALIASES = {"freeze": {"none": "full", "backbone": "linear_probe"}}  # the first release's names
+
+
+def _data_overrides() -> type:
+    """eval.py's `data` node: every key of every data schema, unset (null). What is set replaces the
+    checkpoint's own data config; the keys come from the schemas, so this list is never kept by hand."""
+    names = dict.fromkeys(f.name for option in OPTIONS["data"].values() for f in fields(option))
+    return make_dataclass("DataOverrides", [(name, Any, None) for name in names])
+
+
+_RUN_UID = secrets.token_hex(3)  # one per process: two runs started in the same second get two directories
+
+
+def register_resolvers() -> None:
+    """`${run_uid:}`, `${slurm_or:NAME}`, `${or_else:A,B}`, `${if_set:X,A,B}` (conf/hydra/default.yaml)."""
+    resolvers = {
+        "run_uid": lambda: _RUN_UID,
+        "slurm_or": lambda name: slurm_run_name() or name,  # a SLURM batch job's name, kept when requeued
+        "or_else": lambda value, other: str(value) if value else other,
+        "if_set": lambda value, then, other: then if value else other,
+    }
+    for name, resolver in resolvers.items():
+        OmegaConf.register_new_resolver(name, resolver, replace=True)
+
+
+def register_configs() -> None:
+    """Schemas into Hydra's ConfigStore, and the resolvers; safe to call more than once."""
+    store = ConfigStore.instance()
+    for group, options in OPTIONS.items():
+        for option, schema in options.items():
+            store.store(group=f"schema/{group}", name=option, node=schema)
+    store.store(group="schema", name="train", node=s.TrainConfig)
+    store.store(group="schema", name="eval", node=s.EvalConfig)
+    store.store(group="schema", name="summary", node=s.SummaryConfig)
+    store.store(group="schema", name="demo", node=s.DemoConfig)
+    store.store(group="data", name="from_checkpoint", node=_data_overrides())
+    register_resolvers()
+
+
+def compose_config(config_name: str, overrides: list[str], with_hydra: bool = False) -> DictConfig:
+    """conf/<config_name>.yaml with these overrides, outside a Hydra app (tests, benchmarks); with_hydra:
+    with the `hydra` node, as Hydra's callbacks see it."""
+    register_configs()
+    with initialize_config_module("transferlab.conf", version_base="1.3"):
+        return compose(config_name, overrides=overrides, return_hydra_config=with_hydra)

@@ -1,0 +1,50 @@
+"""Facts about the process a run is in: its rank, SLURM, a Hydra multirun, the CPUs it may use."""
+
+from __future__ import annotations
+
+import os
+
+
+def slurm_run_name() -> str | None:
+    """`slurm-<job id>` in a SLURM batch job: the same name when SLURM requeues the job, so the
+    requeued job finds its own checkpoints. None outside SLURM and in interactive allocations."""
+    job_id = os.environ.get("SLURM_JOB_ID")
+    if not job_id or os.environ.get("SLURM_JOB_NAME") in ("bash", "interactive"):
+        return None
+    array_job, array_task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    return f"slurm-{array_job}_{array_task}" if array_job and array_task else f"slurm-{job_id}"
+
+
+def is_slurm_requeue() -> bool:
+    """SLURM sets SLURM_RESTART_COUNT when it restarts a requeued job."""
+    return slurm_run_name() is not None and int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
+
+
+def is_rank_zero_process() -> bool:
+    """False in the processes that Lightning (LOCAL_RANK) or srun (SLURM_PROCID) start besides rank 0."""
+    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("SLURM_PROCID", "0") == "0"
+
+
+def is_multirun() -> bool:
+    """True in the jobs of a Hydra sweep (-m), wherever the launcher runs them."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def command_line_overrides() -> list[str]:
+    """The task overrides typed for this Hydra run (empty outside Hydra)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    return list(HydraConfig.get().overrides.task)
+
+
+def usable_cpu_count() -> int:
+    """CPUs this process may run on (a SLURM job or `taskset` gets fewer than the machine has)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1

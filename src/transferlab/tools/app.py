@@ -1,0 +1,59 @@
+"""The one style of our command-line tools: a Hydra app whose configs come from the installed package,
+whose user errors end in one line, and whose schemas are registered before Hydra composes."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig
+
+from transferlab.config import register_configs
+from transferlab.errors import USER_ERRORS
+from transferlab.runtime import is_multirun
+
+CONFIG_PATH = "pkg://transferlab.conf"  # conf/ inside the package: tools work from an installed wheel too
+log = logging.getLogger(__name__)
+
+
+def exit_on_user_error(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
+    """A user error ends a single run with its one-line message (exit code 2) instead of a traceback,
+    logged first so that the run's log has it too. In a multirun the error is raised as is, so that the
+    sweep records the job as failed and goes on."""
+
+    @functools.wraps(task)
+    def guarded(cfg: DictConfig) -> Any:
+        try:
+            return task(cfg)
+        except USER_ERRORS as error:
+            log.error("%s: %s", type(error).__name__, error)
+            if is_multirun():
+                raise
+            if not logging.getLogger().handlers:  # Hydra's job logging is off: nothing showed it
+                print(f"Error: {error}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    return guarded
+
+
+def hydra_tool(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Callable[[], Any]]:
+    """`@hydra_tool("train")` on `task(cfg)`: `main()` parses the command line as Hydra overrides of
+    conf/train.yaml and runs the task."""
+
+    def decorate(task: Callable[[DictConfig], Any]) -> Callable[[], Any]:
+        hydra_main = hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name=config_name)(
+            exit_on_user_error(task)
+        )
+
+        @functools.wraps(task)
+        def main() -> Any:
+            register_configs()
+            return hydra_main()
+
+        return main
+
+    return decorate

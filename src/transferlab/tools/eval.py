@@ -1,0 +1,19 @@
+"""Evaluate a checkpoint on a split: `transferlab eval ckpt_path=.../best.ckpt split=test` (conf/eval.yaml)."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from transferlab.tools.app import hydra_tool
+
+
+def run(cfg: DictConfig) -> None:
+    from transferlab.evaluation import evaluate
+
+    evaluate(cfg)
+
+
+main = hydra_tool("eval")(run)
+
+if __name__ == "__main__":
+    main()
