@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: install
-	$(BIN)/python -m transferlab.demo
+	$(BIN)/transferlab demo
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,7 @@ from transferlab.build import check_run_inputs
 from transferlab.config import compose_config as compose
 from transferlab.config import parse_group, parse_train_config
 from transferlab.config.schema import DataConfig, TrainConfig
+from transferlab.tools.app import run_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "src" / "transferlab" / "conf"
@@ -56,34 +59,20 @@ def validate(cfg: DictConfig) -> TrainConfig:
     return config
 
 
+def run_cli(*command: str, cwd: Path = ROOT, check: bool = True) -> subprocess.CompletedProcess:
+    """`command` (e.g. "train.py", "-m", ...) in a new Python process; tests' callbacks stay importable."""
+    env = {**os.environ, "TRANSFERLAB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, *command], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{command[:3]} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
 def run_tool(tool: str, *overrides: str) -> int:
-    """`transferlab <tool> overrides...` in this process (Hydra's command-line path, without a process
-    start-up); the exit status: 0, or what the tool exited with."""
-    import importlib
-    import logging
-    import sys
-    from unittest import mock
-
-    from hydra.core.global_hydra import GlobalHydra
-
-    main = importlib.import_module(f"transferlab.tools.{tool}").main
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    GlobalHydra.instance().clear()
-    try:
-        with mock.patch.object(sys, "argv", [f"transferlab-{tool}", *overrides]):
-            main()
-    except SystemExit as exit_:
-        if isinstance(exit_.code, str):  # what Python prints for an uncaught SystemExit("message")
-            print(exit_.code, file=sys.stderr)
-        return exit_.code if isinstance(exit_.code, int) else 1
-    finally:  # Hydra configured logging for the run: give pytest its handlers back
-        GlobalHydra.instance().clear()
-        for handler in root.handlers:
-            if handler not in handlers:
-                handler.close()
-        root.handlers[:], root.level = handlers, level
-    return 0
+    """`transferlab <tool> overrides...` in this process; its exit status."""
+    return run_in_process(tool, list(overrides))
 
 
 @pytest.fixture

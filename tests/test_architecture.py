@@ -103,3 +103,16 @@ def test_no_module_is_imported_for_its_side_effects():
             assert not (
                 line.startswith(("import transferlab", "from transferlab")) and "noqa: F401" in line
             ), f"{path}: {line}"
+
+
+OPTIONAL_STACKS = ("timm", "safetensors", "optuna", "submitit", "matplotlib")
+
+
+def test_optional_stacks_are_imported_only_where_used():
+    """A run that does not use timm (or Optuna, submitit, plotting) never imports it: not at module level."""
+    for name, path in MODULES.items():
+        for node in ast.parse(path.read_text()).body:
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            heavy = [n for n in names if n.split(".")[0] in OPTIONAL_STACKS]
+            assert not heavy, f"{name} imports {heavy} at module level"

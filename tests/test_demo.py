@@ -37,7 +37,8 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
         assert f"| {method} |" in report
     assert "3 labelled images per class" in report
     assert (out / "full_seed42" / "metrics.json").is_file()
-    assert "Loaded backbone weights from" in (out / "full_seed42.log").read_text()
+    assert "Loaded backbone weights from" in (out / "full_seed42" / "train.log").read_text()
+    assert "Loaded backbone weights from" not in capsys.readouterr().out  # the console shows the demo only
     capsys.readouterr()
     assert run_tool("demo", f"out={out}", overrides) != 0
     assert "already holds demo runs" in capsys.readouterr().err

@@ -10,9 +10,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tests.conftest import FAST, compose_config, data_config
+from tests.callbacks import rank_states
+from tests.conftest import FAST, compose_config, data_config, run_cli, run_tool
 from tests.test_sweeps import SWEEP
-from tests.test_train import run_cli
 from transferlab.data.datamodule import TransferDataModule
 from transferlab.data.transforms import Preprocessing
 from transferlab.errors import ConfigError
@@ -39,16 +39,16 @@ def evaluate_in_one_process(ckpt: Path) -> dict[str, float]:
     return metrics
 
 
-def test_ddp_two_processes_report_the_metrics_of_one_process(tmp_path):
-    run_dir = tmp_path / "ddp"
+def test_ddp_two_processes_report_the_metrics_of_one_process_and_unfreeze_in_sync(tmp_path):
+    """Two CPU processes (gloo), the head alone in epoch 0, the backbone joining in epoch 1 (gradual
+    unfreezing under DDP: the stage that waits keeps requires_grad and loses its gradient until then)."""
+    run_dir, states = tmp_path / "ddp", tmp_path / "ddp" / "rank_states"
+    gradual = ["freeze=gradual", "freeze.milestones=[1]", "freeze.bn=eval", "trainer.max_epochs=2"]
+    # the installed command, from a folder without conf/: Lightning re-runs `python -m transferlab.tools.train`
     run_cli(
-        "train.py",
-        *DDP_DATA,
-        "trainer=ddp",
-        "trainer.devices=2",
-        "trainer.accelerator=cpu",
-        f"hydra.run.dir={run_dir}",
-    )
+        "-m", "transferlab", "train", *DDP_DATA, *gradual, *rank_states(states), "trainer=ddp",
+        "trainer.devices=2", "trainer.accelerator=cpu", f"hydra.run.dir={run_dir}", cwd=tmp_path,
+    )  # fmt: skip
     reported = json.loads((run_dir / "metrics.json").read_text())
     single = evaluate_in_one_process(run_dir / "checkpoints" / "best.ckpt")
     for key in SCALARS:
@@ -58,6 +58,19 @@ def test_ddp_two_processes_report_the_metrics_of_one_process(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["ddp"]
     writers = {p.name.split(".")[-2] for p in (run_dir / "tensorboard").glob("events.out.tfevents.*")}
     assert len(writers) == 1  # event files of one process id: rank 0's
+
+    state = {
+        (r, name): torch.load(states / f"rank{r}_{name}.pt")
+        for r in (0, 1)
+        for name in ("start", "epoch0", "epoch1")
+    }
+    start = state[0, "start"]
+    assert all(torch.equal(start[k], state[0, "epoch0"][k]) for k in start)  # frozen during epoch 0
+    assert any(
+        not torch.equal(start[k], state[0, "epoch1"][k]) for k in start if "weight" in k
+    )  # trained after
+    # the processes saw different batches: equal weights mean the unfrozen gradients were all-reduced
+    assert all(torch.equal(state[0, "epoch1"][k], state[1, "epoch1"][k]) for k in start)
 
 
 def test_lightning_started_processes_are_refused_in_a_sweep(monkeypatch):
@@ -85,14 +98,20 @@ def test_sweeps_on_this_machine_refuse_lightning_started_processes(monkeypatch):
             check_sweep_launch(ddp)
 
 
-def test_a_sweep_with_ddp_processes_is_refused_before_its_first_job(tmp_path):
+def test_a_sweep_with_ddp_processes_is_refused_before_its_first_job(tmp_path, capsys):
     sweep = tmp_path / "sweep"
-    proc = run_cli(
-        "train.py", "-m", *SWEEP, "trainer=ddp", "trainer.devices=2", "optim.lr=0.01,0.02",
-        f"hydra.sweep.dir={sweep}", check=False,
-    )  # fmt: skip
-    assert proc.returncode != 0
-    assert "hydra/launcher=slurm" in proc.stderr and "without -m" in proc.stderr
+    status = run_tool(
+        "train",
+        "-m",
+        *SWEEP,
+        "trainer=ddp",
+        "trainer.devices=2",
+        "optim.lr=0.01,0.02",
+        f"hydra.sweep.dir={sweep}",
+    )
+    assert status != 0
+    err = capsys.readouterr().err
+    assert "hydra/launcher=slurm" in err and "without -m" in err
     assert not sweep.exists()  # refused before any job (Hydra makes the directory for the first one)
 
 

@@ -234,27 +234,6 @@ def test_resume_inside_a_gradual_schedule_restores_the_frozen_state(tmp_path):
     assert sorted(recorder.states) == [4] and all(recorder.requires_grad[4].values())
 
 
-class RankState(Callback):
-    """Each DDP process writes its backbone at the end of every epoch (the parent cannot see them)."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        state = {k: v.detach().cpu().clone() for k, v in pl_module.backbone.state_dict().items()}
-        torch.save(state, self.folder / f"rank{trainer.global_rank}_epoch{trainer.current_epoch}.pt")
-
-
-def test_gradual_unfreezing_under_ddp_keeps_processes_in_sync(tmp_path):
-    model, datamodule, before = _setup(tmp_path, "freeze=gradual", "freeze.milestones=[1]", "freeze.bn=eval")
-    _fit(model, datamodule, tmp_path, 2, callbacks=[RankState(tmp_path)], devices=2, strategy="ddp_spawn")
-    state = {(r, e): torch.load(tmp_path / f"rank{r}_epoch{e}.pt") for r in (0, 1) for e in (0, 1)}
-    assert all(torch.equal(before[k], state[0, 0][k]) for k in before)  # frozen during epoch 0
-    assert any(not torch.equal(before[k], state[0, 1][k]) for k in before if "weight" in k)  # trained after
-    # the processes saw different batches: equal weights mean the unfrozen gradients were all-reduced
-    assert all(torch.equal(state[0, 1][k], state[1, 1][k]) for k in before)
-
-
 def test_frozen_parameters_get_no_gradient(tmp_path):
     model, datamodule, _ = _setup(tmp_path, "freeze=partial", "freeze.trainable_blocks=1")
     images, targets = next(iter(datamodule.train_dataloader()))
@@ -270,7 +249,7 @@ def test_lr_finder_applies_and_records_its_suggestion(fast_cfg, tmp_path):
     from transferlab.training import train
 
     run_dir = tmp_path / "run"
-    train(fast_cfg("tune.lr_find=true", "tune.num_training=30", "trainer.limit_train_batches=30"))
+    train(fast_cfg("tune.lr_find=true", "tune.num_training=20", "trainer.limit_train_batches=20"))
     found = json.loads((run_dir / "lr_find.json").read_text())
     assert len(found["lr"]) == len(found["loss"]) >= 10 and found["lr"][0] < found["lr"][-1]
     assert (run_dir / "lr_find.png").stat().st_size > 0

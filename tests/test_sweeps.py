@@ -9,7 +9,6 @@ import pytest
 import yaml
 
 from tests.conftest import FAST, run_tool
-from tests.test_train import run_cli
 from transferlab.sweep.summary import write_summary
 
 # sweeps whose metrics do not matter, only that every job ran: one batch per stage
@@ -26,7 +25,10 @@ def _table(markdown: str) -> list[list[str]]:
 
 def test_grid_sweep_2x2_and_its_summary(tmp_path):
     sweep = tmp_path / "grid"
-    run_cli("train.py", "-m", *SWEEP, "optim=sgd,adamw", "optim.lr=0.001,0.01", f"hydra.sweep.dir={sweep}")
+    assert (
+        run_tool("train", "-m", *SWEEP, "optim=sgd,adamw", "optim.lr=0.001,0.01", f"hydra.sweep.dir={sweep}")
+        == 0
+    )
     assert len(list(sweep.glob("*/metrics.json"))) == 4
     markdown = write_summary(sweep)
     rows = _table(markdown)
@@ -44,10 +46,11 @@ def test_optuna_sweep_of_three_trials_optimises_the_val_metric(tmp_path):
 
     sweep = tmp_path / "optuna"
     storage = f"sqlite:///{tmp_path / 'study.db'}"
-    run_cli(
-        "train.py", "-m", *SWEEP, "hparams_search=optuna", "hydra.sweeper.n_trials=3",
+    status = run_tool(
+        "train", "-m", *SWEEP, "hparams_search=optuna", "hydra.sweeper.n_trials=3",
         f"hydra.sweeper.storage={storage}", f"hydra.sweep.dir={sweep}",
     )  # fmt: skip
+    assert status == 0
     accs = [json.loads(p.read_text())["val/acc"] for p in sweep.glob("*/metrics.json")]
     assert len(accs) == 3
     result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
@@ -58,11 +61,15 @@ def test_optuna_sweep_of_three_trials_optimises_the_val_metric(tmp_path):
 
 
 def test_submitit_local_launcher_runs_jobs_and_a_failing_job_is_reported(tmp_path, capsys):
-    proc = run_cli(
-        "train.py", "-m", *SWEEP, "hydra/launcher=submitit_local", "optim.lr=0.01,-1",
-        f"paths.output_root={tmp_path}", check=False,
-    )  # fmt: skip
-    assert proc.returncode != 0  # Hydra raises the failed job's error once the sweep is done
+    status = run_tool(  # the launcher in this process, each job in its own (submitit)
+        "train",
+        "-m",
+        *SWEEP,
+        "hydra/launcher=submitit_local",
+        "optim.lr=0.01,-1",
+        f"paths.output_root={tmp_path}",
+    )
+    assert status != 0  # Hydra raises the failed job's error once the sweep is done
     # the job processes resolved the launcher's sweep directory (its time and run id), not new ones
     [sweep] = (tmp_path / "multirun").iterdir()
     assert (sweep / "0" / "metrics.json").is_file()  # the other job ran to the end

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,8 +12,8 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.conftest import FAST, ROOT
-from transferlab.errors import DataError
+from tests.conftest import FAST, ROOT, run_tool
+from transferlab.errors import ConfigError, DataError
 from transferlab.evaluation import evaluate
 from transferlab.models.classifier import ImageClassifier
 from transferlab.training import train
@@ -23,20 +22,11 @@ from transferlab.training import train
 ROUND_TRIP = [o for o in FAST if not o.startswith(("trainer.limit_val", "trainer.limit_test"))]
 
 
-def run_cli(script: str, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "TRANSFERLAB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(
-        [sys.executable, script, *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
-
-
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory) -> Path:
+    """`python train.py ...` in this process (the command in its own process: test_distributed, test_resume)."""
     run_dir = tmp_path_factory.mktemp("cli") / "run"
-    run_cli("train.py", *ROUND_TRIP, "trainer.max_epochs=2", f"hydra.run.dir={run_dir}")
+    assert run_tool("train", *ROUND_TRIP, "trainer.max_epochs=2", f"hydra.run.dir={run_dir}") == 0
     return run_dir
 
 
@@ -90,15 +80,10 @@ def test_eval_reproduces_the_runs_metrics_and_they_are_right(trained_run, tmp_pa
     trained = json.loads((trained_run / "metrics.json").read_text())
     ckpt = trained_run / "checkpoints" / "best.ckpt"
     for split in ("val", "test"):
-        out = tmp_path / split
-        run_cli(
-            "eval.py",
-            f"ckpt_path={ckpt}",
-            f"split={split}",
-            "trainer.accelerator=cpu",
-            f"hydra.run.dir={out}",
+        assert (
+            run_tool("eval", f"ckpt_path={ckpt}", f"split={split}", f"hydra.run.dir={tmp_path / split}") == 0
         )
-        evaluated = json.loads((out / "metrics.json").read_text())
+        evaluated = json.loads((tmp_path / split / "metrics.json").read_text())
         assert evaluated[f"{split}/acc"] == pytest.approx(trained[f"{split}/acc"], abs=1e-6)
         assert evaluated[f"{split}/f1"] == pytest.approx(trained[f"{split}/f1"], abs=1e-6)
     # accuracy counted by hand from the model's own predictions
@@ -117,6 +102,17 @@ def test_eval_reproduces_the_runs_metrics_and_they_are_right(trained_run, tmp_pa
     assert trained["test/acc"] == pytest.approx(correct / total, abs=1e-6)
 
 
+def test_eval_takes_any_data_key_on_top_of_the_checkpoints(trained_run, tmp_path):
+    """eval.py's data keys come from the data schemas: any key can be set, e.g. another image size."""
+    from tests.conftest import compose_config
+
+    overrides = [f"ckpt_path={trained_run}/checkpoints/best.ckpt", "data.image_size=24", "data.batch_size=7"]
+    metrics = evaluate(compose_config(overrides, tmp_path, "eval"))
+    assert metrics["preprocessing"]["crop_size"] == 24 and 0 <= metrics["test/acc"] <= 1
+    with pytest.raises(ConfigError, match="data.batchsize is not a key"):
+        evaluate(compose_config([*overrides, "+data.batchsize=3"], tmp_path, "eval"))
+
+
 def test_eval_refuses_data_with_other_classes(trained_run, tmp_path):
     from tests.conftest import compose_config
 
@@ -127,19 +123,18 @@ def test_eval_refuses_data_with_other_classes(trained_run, tmp_path):
         evaluate(cfg)
 
 
-def test_never_overwrites_an_earlier_run(trained_run):
+def test_never_overwrites_an_earlier_run(trained_run, capsys):
     before = {p: p.stat().st_mtime_ns for p in trained_run.rglob("*") if p.is_file()}
-    proc = run_cli("train.py", *FAST, f"hydra.run.dir={trained_run}", check=False)
-    assert proc.returncode != 0
-    assert "already holds a run" in proc.stderr + proc.stdout
+    assert run_tool("train", *FAST, f"hydra.run.dir={trained_run}") != 0
+    assert "already holds a run" in capsys.readouterr().err
     assert before == {p: p.stat().st_mtime_ns for p in trained_run.rglob("*") if p.is_file()}
 
 
-def test_a_bad_value_ends_the_cli_with_one_line_not_a_traceback(tmp_path):
+def test_a_bad_value_ends_the_run_with_one_line_not_a_traceback(tmp_path, capsys):
     run_dir = tmp_path / "run"
-    proc = run_cli("train.py", *FAST, "optim.layer_decay=2", f"hydra.run.dir={run_dir}", check=False)
-    assert proc.returncode == 2
-    output = proc.stdout + proc.stderr
+    assert run_tool("train", *FAST, "optim.layer_decay=2", f"hydra.run.dir={run_dir}") == 2
+    captured = capsys.readouterr()
+    output = captured.out + captured.err
     assert "optim.layer_decay=2.0 must be in (0, 1]" in output and "Traceback" not in output
     assert "optim.layer_decay=2" in (run_dir / "train.log").read_text()  # the run's log has it too
 

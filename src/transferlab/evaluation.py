@@ -36,13 +36,23 @@ def eval_data_config(checkpoint: dict[str, Any], overrides: dict[str, Any] | Non
     return parse_group("data", merged)
 
 
+def eval_preprocessing(checkpoint: dict[str, Any], overrides: dict[str, Any] | None) -> Preprocessing:
+    """What the checkpoint was trained with; `data.image_size`, `mean`, `std`, `interpolation` set for
+    this evaluation replace it (e.g. to test at another resolution)."""
+    chosen = {key: value for key, value in (overrides or {}).items() if value is not None}
+    stored = Preprocessing.from_dict(checkpoint["hyper_parameters"]["preprocessing"])
+    keys = ("image_size", "mean", "std", "interpolation")
+    return stored.with_overrides(**{key: chosen[key] for key in keys if key in chosen})
+
+
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Test `ckpt_path` on `split`; writes metrics.json into the eval run directory and returns it."""
     config = parse_eval_config(cfg)
     checkpoint = read_checkpoint(config.ckpt_path, trust=config.trust_checkpoint)
     L.seed_everything(config.seed, workers=True)
     data = eval_data_config(checkpoint, config.data)
-    preprocessing = Preprocessing.from_dict(checkpoint["hyper_parameters"]["preprocessing"])
+    preprocessing = eval_preprocessing(checkpoint, config.data)
+    log.info("Preprocessing: %s", preprocessing)
     datamodule = TransferDataModule(data, preprocessing, seed=config.seed)
     datamodule.setup()
     check_checkpoint_classes(checkpoint, config.ckpt_path, datamodule.class_names)
@@ -60,6 +70,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             "ckpt_path": str(Path(config.ckpt_path).resolve()),
             "split": config.split,
             "class_names": datamodule.class_names,
+            "preprocessing": preprocessing.to_dict(),
         }
     )
     if trainer.is_global_zero:

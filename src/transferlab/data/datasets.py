@@ -258,7 +258,7 @@ def bad_files_message(scan: FolderScan) -> str:
         + "\n".join(shown)
         + "\nRemove or replace them, or set data.skip_bad=true to train without them (they are then "
         "listed in bad_files.txt in the run directory). To list them all: "
-        f"python -m transferlab.data.check data=imagefolder data.root={scan.root}"
+        f"transferlab check data=imagefolder data.root={scan.root}"
     )
 
 

@@ -69,7 +69,7 @@ def load_rgb(path: str | os.PathLike, max_pixels: int = PIL_MAX_PIXELS) -> Image
         raise DataError(
             f"{path}: cannot be read as an image ({type(err).__name__}: {err}). It passed the scan before "
             "training, so it changed since, or its damage needs a full decode to show: remove or replace it "
-            "(`python -m transferlab.data.check ... data.scan=full` finds every such file)."
+            "(`transferlab check ... data.scan=full` finds every such file)."
         ) from err
 
 

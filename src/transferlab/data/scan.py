@@ -1,6 +1,6 @@
 """The scan before training: every file of an image folder checked once, header-only and in parallel.
 
-Training, `eval.py` and `python -m transferlab.data.check` start with it, so a corrupt file stops a
+Training, `eval.py` and `transferlab check` start with it, so a corrupt file stops a
 run before its first step (or is skipped with `data.skip_bad=true`), never hours into it. The scan
 only sorts files; what to do about bad files and empty classes is decided in `datasets.py`.
 """

@@ -3,7 +3,7 @@
 1. pretrain ResNet-18 from scratch on digits 0-4 (the source task);
 2. fine-tune that backbone on digits 5-9 with a few labels per class (the target task);
 3. compare with a linear probe of the same backbone and with the same network trained from scratch.
-Each step is a plain `transferlab train experiment=...` run; the table goes to stdout and results.md.
+Each step is a plain `transferlab train experiment=...` run (in this process); the table goes to stdout and results.md.
 
     transferlab demo [seeds=[1,2,3]] [shots=2] [methods=[full,scratch]] [out=DIR] ['overrides=["trainer.max_epochs=5"]']
 """
@@ -11,9 +11,8 @@ Each step is a plain `transferlab train experiment=...` run; the table goes to s
 from __future__ import annotations
 
 import json
-import os
+import logging
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from transferlab.config.parse import build
 from transferlab.config.schema import DemoConfig
 from transferlab.launch import find_earlier_run
-from transferlab.tools.app import hydra_tool
+from transferlab.tools.app import hydra_tool, run_in_process
 
 WEIGHTS = "backbone.weights={pretrained}"  # the step-1 checkpoint
 # slug -> (label, experiment, overrides); every method trains 30 epochs on the same 5 labels per class
@@ -61,23 +60,21 @@ METRICS = ("test/acc", "test/f1", "val/acc")
 
 
 def run_train(run_dir: Path, experiment: str, overrides: list[str]) -> dict:
-    """One training run in `run_dir`, in its own process; its output goes to <run_dir>.log."""
-    command = [sys.executable, "-m", "transferlab.tools.train", f"experiment={experiment}"]
-    command += [f"hydra.run.dir={run_dir}", *overrides, "callbacks.progress.mode=plain"]
-    print(f"$ transferlab train {' '.join(command[3:])}", flush=True)
+    """One `transferlab train` run in `run_dir`, in this process (a process start-up per run would cost
+    seconds each); its log goes only to <run_dir>/train.log, the console keeps the demo's progress."""
+    args = [
+        f"experiment={experiment}",
+        f"hydra.run.dir={run_dir}",
+        *overrides,
+        "callbacks.progress.mode=plain",
+    ]
+    print(f"$ transferlab train {' '.join(args)}", flush=True)
     start = time.monotonic()
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    log_file = run_dir.parent / f"{run_dir.name}.log"
-    with open(log_file, "w") as log:
-        proc = subprocess.run(
-            command,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-    if proc.returncode != 0:
-        tail = "".join(log_file.read_text().splitlines(keepends=True)[-25:])
-        raise SystemExit(f"demo step failed (exit {proc.returncode}); last lines of {log_file}:\n{tail}")
+    status = run_in_process("train", [*args, "hydra/job_logging=file_only"])
+    log_file = run_dir / "train.log"
+    if status != 0:
+        tail = "".join(log_file.read_text().splitlines(keepends=True)[-25:]) if log_file.is_file() else ""
+        raise SystemExit(f"demo step failed (exit {status}); last lines of {log_file}:\n{tail}")
     metrics = json.loads((run_dir / "metrics.json").read_text())
     print(f"  done in {time.monotonic() - start:.0f}s: test/acc={metrics['test/acc']:.3f}", flush=True)
     return metrics
@@ -107,6 +104,15 @@ def run(cfg: DictConfig) -> None:
     out = Path(config.out) if config.out else Path("outputs") / "demo" / time.strftime("%Y-%m-%d_%H-%M-%S")
     if out.exists() and any(find_earlier_run(d) for d in out.iterdir() if d.is_dir()):
         raise SystemExit(f"Error: {out} already holds demo runs; choose another out=")
+    logging.captureWarnings(True)  # library warnings of the runs go to their logs, not the console
+    try:
+        run_demo(config, out)
+    finally:
+        logging.captureWarnings(False)
+
+
+def run_demo(config: DemoConfig, out: Path) -> None:
+    """Pretrain, then each method and seed; the table to stdout and <out>/results.md."""
     started = time.monotonic()
     print(f"Demo directory: {out}\n[1/2] pretraining ResNet-18 on digits 0-4 (source task)", flush=True)
     source = run_train(out / "pretrain", "digits_pretrain", config.overrides)
