@@ -17,7 +17,8 @@ import numpy as np
 from PIL import Image
 
 from transferlab.data import scan
-from transferlab.data.scan import scan_image_folder, scan_processes, usable_cpu_count
+from transferlab.data.scan import scan_image_folder, scan_processes
+from transferlab.runtime import usable_cpu_count
 
 
 def write_images(root: Path, count: int, size: int) -> None:

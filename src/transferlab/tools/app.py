@@ -67,8 +67,7 @@ def run_in_process(tool: str, overrides: list[str]) -> int:
     seconds a new process spends importing. Returns the exit status (a message it exited with goes to
     stderr, as Python prints it). The logging Hydra set up for the run is undone afterwards."""
     main = importlib.import_module(f"transferlab.tools.{tool}").main
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
+    saved = _logging_state()
     GlobalHydra.instance().clear()  # a Hydra app (the demo) may be running this one
     try:
         with mock.patch.object(sys, "argv", [f"transferlab {tool}", *overrides]):
@@ -79,8 +78,29 @@ def run_in_process(tool: str, overrides: list[str]) -> int:
         return exit_.code if isinstance(exit_.code, int) else 1
     finally:
         GlobalHydra.instance().clear()
-        for handler in root.handlers:
-            if handler not in handlers:
-                handler.close()
-        root.handlers[:], root.level = handlers, level
+        _restore_logging(saved)
     return 0
+
+
+_LoggingState = dict[logging.Logger, tuple[list[logging.Handler], int, bool, bool]]
+
+
+def _logging_state() -> _LoggingState:
+    loggers = [
+        logging.getLogger(),
+        *(logging.getLogger(name) for name in list(logging.root.manager.loggerDict)),
+    ]
+    return {lg: (list(lg.handlers), lg.level, lg.propagate, lg.disabled) for lg in loggers}
+
+
+def _restore_logging(saved: _LoggingState) -> None:
+    """Every logger as it was; the handlers the run's logging config added are closed (its log files)."""
+    kept = {handler for handlers, *_ in saved.values() for handler in handlers}
+    for logger in _logging_state():
+        for handler in logger.handlers:
+            if handler not in kept:
+                handler.close()
+        handlers, level, propagate, disabled = saved.get(logger, ([], logging.NOTSET, True, False))
+        logger.handlers[:] = handlers
+        logger.propagate, logger.disabled = propagate, disabled
+        logger.setLevel(level)  # (setLevel, not assignment: it clears the loggers' level caches)
