@@ -164,16 +164,60 @@ def uninterrupted(tmp_path_factory) -> dict[str, float]:
     return _final(run_dir / "metrics.json")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+SLURM_ENV = {
+    "SLURM_JOB_ID": "4242",
+    "SLURM_JOB_NAME": "train",
+    "SLURM_NTASKS": "1",
+    "SLURM_NTASKS_PER_NODE": "1",
+    "SLURM_NNODES": "1",
+    "SLURM_PROCID": "0",
+    "SLURM_LOCALID": "0",
+    "SLURM_NODEID": "0",
+    "SLURM_NODELIST": "localhost",
+}
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory) -> dict[str, dict]:
+    """Three runs interrupted two batches into epoch 1, started together (their start-ups overlap): by
+    SIGTERM, by SIGKILL, and by SLURM's SIGUSR1 before a time limit. For the SLURM run, a fake `scontrol`
+    records the requeue call, then ends the job as SLURM would; Lightning owns SIGUSR1 (it saves
+    hpc_ckpt_1.ckpt and calls `scontrol requeue <job id>`)."""
+    root = tmp_path_factory.mktemp("interrupted")
+    bin_dir, calls = root / "bin", root / "scontrol_calls"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {calls}\nkill -9 $PPID\n')
+    scontrol.chmod(0o755)
+    slurm_env = {**SLURM_ENV, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    runs = {
+        "SIGTERM": {"dir": root / "killed_term", "signal": signal.SIGTERM, "env": None},
+        "SIGKILL": {"dir": root / "killed_kill", "signal": signal.SIGKILL, "env": None},
+        "SIGUSR1": {
+            "dir": root / "outputs" / "runs" / "slurm-4242",
+            "signal": signal.SIGUSR1,
+            "env": slurm_env,
+        },
+    }
+    for name, run in runs.items():
+        run["marker"] = root / f"{name}_in_epoch_1"
+        where = [f"paths.output_root={root / 'outputs'}"] if run["env"] else [f"hydra.run.dir={run['dir']}"]
+        run["command"] = [*RESUME_RUN, *where, *pause_at(run["marker"], epoch=1, batch=1)]
+        run["proc"] = _start_cli(*run["command"], env=run["env"])
+    for run in runs.values():
+        _wait_for(run["marker"], run["proc"])  # two of epoch 1's four batches are done
+        run["proc"].send_signal(run["signal"])
+        run["log"] = run["proc"].communicate(timeout=120)[0]
+    runs["SIGUSR1"]["scontrol_calls"] = calls
+    return runs
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
 def test_run_killed_mid_epoch_and_resumed_reaches_the_uninterrupted_metrics(
-    tmp_path, uninterrupted, sig, capsys
+    interrupted, uninterrupted, sig, capsys
 ):
-    killed, marker = tmp_path / "killed", tmp_path / "in_epoch_1"
-    proc = _start_cli(*RESUME_RUN, *pause_at(marker, epoch=1, batch=1), f"hydra.run.dir={killed}")
-    _wait_for(marker, proc)  # two of epoch 1's four batches are done
-    proc.send_signal(sig)
-    log = proc.communicate(timeout=120)[0]
-    assert proc.returncode != 0, log[-2000:]
+    killed = interrupted[sig]["dir"]
+    assert interrupted[sig]["proc"].returncode != 0, interrupted[sig]["log"][-2000:]
     assert not (killed / "metrics.json").exists()
     capsys.readouterr()
     assert run_tool("train", f"resume={killed}") == 0  # from last.ckpt, the end of epoch 0
@@ -182,42 +226,20 @@ def test_run_killed_mid_epoch_and_resumed_reaches_the_uninterrupted_metrics(
     assert len(summaries) == 1 and "epoch 2/2" in summaries[0] and "val/acc=" in summaries[0]
 
 
-def test_slurm_requeue_continues_in_the_same_directory(tmp_path, monkeypatch, capsys):
-    """Lightning owns SIGUSR1: it saves hpc_ckpt_1.ckpt and calls `scontrol requeue <job id>`; the
-    requeued job (same SLURM_JOB_ID, SLURM_RESTART_COUNT=1) finds its directory and continues."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    calls = tmp_path / "scontrol_calls"
-    scontrol = bin_dir / "scontrol"  # records the call, then ends the job as SLURM would
-    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {calls}\nkill -9 $PPID\n')
-    scontrol.chmod(0o755)
-    slurm = {
-        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-        "SLURM_JOB_ID": "4242",
-        "SLURM_JOB_NAME": "train",
-        "SLURM_NTASKS": "1",
-        "SLURM_NTASKS_PER_NODE": "1",
-        "SLURM_NNODES": "1",
-        "SLURM_PROCID": "0",
-        "SLURM_LOCALID": "0",
-        "SLURM_NODEID": "0",
-        "SLURM_NODELIST": "localhost",
-    }
-    outputs, marker = tmp_path / "outputs", tmp_path / "in_epoch_1"
-    command = [*RESUME_RUN, f"paths.output_root={outputs}", *pause_at(marker, epoch=1, batch=1)]
-    run_dir = outputs / "runs" / "slurm-4242"
-    proc = _start_cli(*command, env=slurm)
-    _wait_for(marker, proc)
-    proc.send_signal(signal.SIGUSR1)  # what SLURM sends signal_delay_s before the time limit
-    log = proc.communicate(timeout=120)[0]
-    assert calls.read_text().split() == ["requeue", "4242"], log[-3000:]
+def test_slurm_requeue_continues_in_the_same_directory(interrupted, monkeypatch, capsys):
+    """The requeued job (same SLURM_JOB_ID, SLURM_RESTART_COUNT=1) finds its directory and continues."""
+    job = interrupted["SIGUSR1"]
+    run_dir = job["dir"]
+    assert job["scontrol_calls"].read_text().split() == ["requeue", "4242"], job["log"][-3000:]
     assert (run_dir / "hpc_ckpt_1.ckpt").is_file() and not (run_dir / "metrics.json").exists()
-
-    for name, value in {**slurm, "SLURM_RESTART_COUNT": "1"}.items():  # the requeued job, in this process
+    for name, value in {
+        **job["env"],
+        "SLURM_RESTART_COUNT": "1",
+    }.items():  # the requeued job, in this process
         monkeypatch.setenv(name, value)
     capsys.readouterr()
-    assert run_tool("train", *command) == 0
+    assert run_tool("train", *job["command"]) == 0
     # hpc_ckpt_1 (two batches into epoch 1) is further on than last.ckpt (end of epoch 0)
     assert f"continuing from {run_dir / 'hpc_ckpt_1.ckpt'}" in capsys.readouterr().out
     assert json.loads((run_dir / "metrics.json").read_text())["epochs_trained"] == 2
-    assert [p.name for p in (outputs / "runs").iterdir()] == ["slurm-4242"]
+    assert [p.name for p in run_dir.parent.iterdir()] == ["slurm-4242"]
