@@ -4,7 +4,6 @@ from transferlab.config.parse import (
     parse_eval_config,
     parse_group,
     parse_train_config,
-    to_plain,
 )
 from transferlab.config.schema import TrainConfig
 from transferlab.config.store import compose_config, register_configs
@@ -16,5 +15,4 @@ __all__ = [
     "parse_group",
     "parse_train_config",
     "register_configs",
-    "to_plain",
 ]

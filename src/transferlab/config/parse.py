@@ -18,15 +18,6 @@ from transferlab.errors import ConfigError
 GROUPS = tuple(OPTIONS)
 
 
-def to_plain(node: Any) -> Any:
-    """A resolved plain-Python copy of a config node; a dataclass of the schema as a dict."""
-    if dataclasses.is_dataclass(node):
-        return dataclasses.asdict(node)
-    if isinstance(node, DictConfig):
-        return OmegaConf.to_container(node, resolve=True)
-    return node
-
-
 def schema_for(group: str, values: Mapping[str, Any]) -> type:
     """The option's schema, told by its `name` (or `_target_`); an unknown one lists the valid ones."""
     options = OPTIONS[group]
@@ -34,7 +25,6 @@ def schema_for(group: str, values: Mapping[str, Any]) -> type:
         return next(iter(options.values()))
     key = DISCRIMINATORS.get(group, "name")
     value = values.get(key) if isinstance(values, Mapping) else None
-    value = ALIASES.get(group, {}).get(value, value)
     by_value = {getattr(schema, key): schema for schema in options.values()}
     if value not in by_value:
         valid = [*by_value, *ALIASES.get(group, {})]
@@ -69,10 +59,10 @@ def parse_group(group: str, values: Mapping[str, Any]) -> Any:
     """One group's dataclass from a mapping, e.g. `parse_group("data", {"name": "digits"})`."""
     if isinstance(values, DictConfig):
         values = OmegaConf.to_container(values, resolve=True)
-    schema = schema_for(group, values)
     values = dict(values)
-    if group in ALIASES and "name" in values:
+    if group in ALIASES and "name" in values:  # an old name stands for its option
         values["name"] = ALIASES[group].get(values["name"], values["name"])
+    schema = schema_for(group, values)
     option = f"{group}={_option_name(group, schema)}"
     return build(schema, values, f"{group}.", option)
 

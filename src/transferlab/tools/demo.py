@@ -15,6 +15,7 @@ import logging
 import statistics
 import sys
 import time
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -70,8 +71,11 @@ def run_train(run_dir: Path, experiment: str, overrides: list[str]) -> dict:
     ]
     print(f"$ transferlab train {' '.join(args)}", flush=True)
     start = time.monotonic()
-    status = run_in_process("train", [*args, "hydra/job_logging=file_only"])
     log_file = run_dir / "train.log"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # what the run prints (Lightning's model summary, warnings) joins its log, as a process's output would
+    with open(log_file, "a") as output, redirect_stdout(output), redirect_stderr(output):
+        status = run_in_process("train", [*args, "hydra/job_logging=file_only"])
     if status != 0:
         tail = "".join(log_file.read_text().splitlines(keepends=True)[-25:]) if log_file.is_file() else ""
         raise SystemExit(f"demo step failed (exit {status}); last lines of {log_file}:\n{tail}")
