@@ -10,12 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_module
+from hydra import initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 from PIL import Image
 
 from transferlab.build import check_run_inputs
+from transferlab.config import compose_config as compose
 from transferlab.config import parse_group, parse_train_config, register_configs
 from transferlab.config.schema import DataConfig, TrainConfig
 from transferlab.tools.app import run_in_process
@@ -50,7 +51,7 @@ def compose_config(
     extra = [f"paths.output_dir={output_dir}"] if output_dir is not None else []
     if not GlobalHydra.instance().is_initialized():
         initialize_config_module("transferlab.conf", version_base="1.3")
-    return compose(config_name, overrides=overrides + extra, return_hydra_config=with_hydra)
+    return compose(config_name, overrides + extra, with_hydra=with_hydra)
 
 
 def data_config(values: dict) -> DataConfig:

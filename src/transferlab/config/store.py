@@ -12,6 +12,7 @@ from typing import Any
 
 from hydra import compose, initialize_config_module
 from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
 from transferlab.config import schema as s
@@ -89,5 +90,7 @@ def compose_config(config_name: str, overrides: list[str], with_hydra: bool = Fa
     """conf/<config_name>.yaml with these overrides, outside a Hydra app (tests, benchmarks); with_hydra:
     with the `hydra` node, as Hydra's callbacks see it."""
     register_configs()
+    if GlobalHydra.instance().is_initialized():  # within one of our apps, or kept initialized by the caller
+        return compose(config_name, overrides=overrides, return_hydra_config=with_hydra)
     with initialize_config_module("transferlab.conf", version_base="1.3"):
         return compose(config_name, overrides=overrides, return_hydra_config=with_hydra)
