@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 import statistics
 import sys
 import time
@@ -134,7 +135,7 @@ def run_demo(config: DemoConfig, out: Path) -> None:
             )
             results.setdefault(f"{label} (`{slug}`)", []).append(run)
     table = summarise(results)
-    command = "transferlab demo " + " ".join(sys.argv[1:])
+    command = "transferlab demo " + " ".join(shlex.quote(arg) for arg in sys.argv[1:])  # as typed in a shell
     report = (
         f"# Digits transfer demo\n\nSource: digits 0-4 (pretraining test/acc {source['test/acc']:.3f}). "
         f"Target: digits 5-9, {_shots(out)} labelled images per class; val/test are the full held-out splits.\n\n"
