@@ -40,19 +40,11 @@ def check_range(value: float | None, key: str, low: float, high: float, text: st
         raise ConfigError(f"{key}={value} must be in {text}")
 
 
-@dataclass
-class Group:
-    """A config group's option; GROUP is the key its errors name (`data`, `optim`, ...)."""
-
-    GROUP: ClassVar[str] = ""
-
-
 # --- backbone ---------------------------------------------------------------------------------------
 
 
 @dataclass
-class BackboneConfig(Group):
-    GROUP: ClassVar[str] = "backbone"
+class BackboneConfig:
     source: str = "torchvision"  # a module of transferlab.backbones.sources (torchvision, timm, ...)
     name: str = MISSING  # a model of that source
     weights: str | None = "DEFAULT"  # a weights name of the source, a local file, or null (random init)
@@ -63,8 +55,7 @@ class BackboneConfig(Group):
 
 
 @dataclass
-class HeadConfig(Group):
-    GROUP: ClassVar[str] = "head"
+class HeadConfig:
     _target_: str = MISSING
     dropout: float = 0.0
 
@@ -97,10 +88,9 @@ class MLPHeadConfig(HeadConfig):
 
 
 @dataclass
-class OptimConfig(Group):
+class OptimConfig:
     """Our keys; each subclass adds its optimizer's own keyword arguments."""
 
-    GROUP: ClassVar[str] = "optim"
     OURS: ClassVar[tuple[str, ...]] = ("_target_", "backbone_lr_mult", "layer_decay", "no_decay_norm_bias")
     _target_: str = MISSING
     lr: float = MISSING  # the head's learning rate; backbone stages scale it
@@ -174,8 +164,7 @@ class RMSpropConfig(OptimConfig):
 
 
 @dataclass
-class SchedulerConfig(Group):
-    GROUP: ClassVar[str] = "scheduler"
+class SchedulerConfig:
     name: str = MISSING
 
 
@@ -252,8 +241,7 @@ BN_MODES = ("auto", "train", "eval")
 
 
 @dataclass
-class FreezeConfig(Group):
-    GROUP: ClassVar[str] = "freeze"
+class FreezeConfig:
     name: str = MISSING
     # batch norm in trainable stages: auto (eval from pretrained weights, train from scratch), train, eval
     bn: str = "auto"
@@ -317,8 +305,7 @@ PIL_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb limit (1024 * 1024 *
 
 
 @dataclass
-class DataConfig(Group):
-    GROUP: ClassVar[str] = "data"
+class DataConfig:
     name: str = MISSING
     root: str | None = None
     classes: Any = None  # keep a subset of classes: names or ids, e.g. [5,6,7,8,9]
@@ -423,8 +410,7 @@ MAGNITUDE_BINS = 31  # torchvision's RandAugment and TrivialAugmentWide: magnitu
 
 
 @dataclass
-class AugmentConfig(Group):
-    GROUP: ClassVar[str] = "augment"
+class AugmentConfig:
     name: str = MISSING
     crop_scale: list[float] = field(default_factory=lambda: [0.5, 1.0])  # RandomResizedCrop area range
     hflip: bool = True  # random horizontal flip, unless the data forbids it (data.allow_hflip=false)
@@ -492,8 +478,7 @@ class AutoAugmentConfig(AugmentConfig):
 
 
 @dataclass
-class LossConfig(Group):
-    GROUP: ClassVar[str] = "loss"
+class LossConfig:
     label_smoothing: float = 0.0  # also applied to mixup/cutmix soft targets
     focal_gamma: float = 2.0  # data.imbalance=focal: (1 - p)^gamma down-weights easy images
 
@@ -505,15 +490,13 @@ class LossConfig(Group):
 
 
 @dataclass
-class ModelConfig(Group):
-    GROUP: ClassVar[str] = "model"
+class ModelConfig:
     compile: bool = False  # torch.compile the backbone (slow first batches; for long GPU runs)
     channels_last: bool = False  # NHWC weights and inputs: faster convolutions on GPUs with mixed precision
 
 
 @dataclass
-class TuneConfig(Group):
-    GROUP: ClassVar[str] = "tune"
+class TuneConfig:
     lr_find: bool = False  # run Lightning's LR finder first and train with its suggestion as optim.lr
     min_lr: float = 1.0e-6  # range of the test
     max_lr: float = 1.0
@@ -530,8 +513,7 @@ class TuneConfig(Group):
 
 
 @dataclass
-class PathsConfig(Group):
-    GROUP: ClassVar[str] = "paths"
+class PathsConfig:
     output_root: str = "outputs"  # runs in <output_root>/runs/<time>_<id>/, sweeps in <output_root>/multirun/
     data_dir: str = "data"  # where downloaded datasets go
     output_dir: str = "${hydra:runtime.output_dir}"  # this run's directory
