@@ -243,3 +243,12 @@ def test_slurm_requeue_continues_in_the_same_directory(interrupted, monkeypatch,
     assert f"continuing from {run_dir / 'hpc_ckpt_1.ckpt'}" in capsys.readouterr().out
     assert json.loads((run_dir / "metrics.json").read_text())["epochs_trained"] == 2
     assert [p.name for p in run_dir.parent.iterdir()] == ["slurm-4242"]
+
+
+def test_a_run_saved_before_classes_moved_still_resumes(tmp_path):
+    run_dir = _fake_run(tmp_path / "run", {"checkpoints/last.ckpt": 3})
+    saved = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    saved.trainer.plugins[0]._target_ = "transferlab.checkpoint_io.AtomicCheckpointIO"  # where it was
+    OmegaConf.save(saved, run_dir / ".hydra" / "config.yaml")
+    cfg = resume_config(compose_config([f"resume={run_dir}"], run_dir), [f"resume={run_dir}"])
+    assert cfg.trainer.plugins[0]._target_ == "transferlab.files.AtomicCheckpointIO"

@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 import random
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from transferlab.checkpoints import checkpoint_step, last_checkpoint
 from transferlab.errors import ConfigError
@@ -59,6 +60,7 @@ def resume_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     ckpt = check_resumable(run_dir)
     check_resume_overrides(run_dir, overrides)
     saved = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    _update_moved_targets(saved)
     with open_dict(saved):
         saved.resume = str(run_dir)
         saved.ckpt_path = str(ckpt)
@@ -67,6 +69,23 @@ def resume_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
             saved.trainer.max_epochs = cfg.trainer.max_epochs
     log.info("Resuming %s from %s", run_dir, ckpt)
     return saved
+
+
+# `_target_`s of our classes that moved since a run could have saved its config (issue 11's restructuring)
+MOVED_TARGETS = {"transferlab.checkpoint_io.AtomicCheckpointIO": "transferlab.files.AtomicCheckpointIO"}
+
+
+def _update_moved_targets(node: Any) -> None:
+    """A saved config names classes where they were when it was saved: point it at where they are now."""
+    if isinstance(node, DictConfig):
+        for key, value in node.items():
+            if key == "_target_" and value in MOVED_TARGETS:
+                node[key] = MOVED_TARGETS[value]
+            else:
+                _update_moved_targets(value)
+    elif isinstance(node, ListConfig):
+        for item in node:
+            _update_moved_targets(item)
 
 
 def requeued_checkpoint(output_dir: str | Path) -> Path | None:
