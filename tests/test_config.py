@@ -25,6 +25,7 @@ NEEDS = {  # options that need a value the user must give
     ("backbone", "torchvision"): ["backbone.name=regnet_y_400mf"],
     ("backbone", "timm"): ["backbone.name=test_resnet"],
     ("data", "imagefolder"): ["data.root=/nonexistent"],
+    ("optim", "custom"): ["optim._target_=torch.optim.Adagrad", "optim.lr=0.01"],
     ("experiment", "digits_finetune"): ["backbone.weights=null"],
 }
 
@@ -116,6 +117,16 @@ def test_missing_weights_file_names_the_path(tmp_path):
         ("data.classes=[]", r"data.classes=\[\] must list at least 2 classes"),
         ("optim=adam optim._target_=torch.optim.SGD", "optim.betas is not a key of optim=sgd"),
         ("scheduler=cosine scheduler.name=step", "scheduler.warmup_epochs is not a key of scheduler=step"),
+        ("+backbone.wieghts=x", "backbone.wieghts is not a key of backbone;"),
+        ("+optim.amsgrad=true", r"optim.amsgrad is not a key of optim=sgd.*\+optim.extra.amsgrad=\.\.\."),
+        (
+            "optim=adam +optim.extra.foo=1",
+            "optim: foo is not an argument of torch.optim.Adam; its arguments:",
+        ),
+        ("data=cifar10 data.test_fraction=0.1", "data.test_fraction=0.1: CIFAR-10 has its own test split"),
+        ("data=imagefolder data.root=null", "data.root must be set for data=imagefolder"),
+        ("data.class_fraction=[1]", r"data.class_fraction=\[1\] must map classes to fractions in \(0, 1\]"),
+        ("data.class_fraction={3:2}", "data.class_fraction=.*must map classes to fractions"),
     ],
 )
 def test_bad_values_name_the_key(override, pattern, tmp_path):
@@ -197,5 +208,32 @@ def test_every_option_of_a_group_has_the_groups_keys(tmp_path):
     for group, options in OPTIONS.items():
         for option, schema in options.items():
             required = {f.name: "x" for f in dataclasses.fields(schema) if f.default == "???"}
+            required |= {"_target_": "torch.optim.Adagrad", "lr": 0.01} if option == "custom" else {}
             made = schema(**required)
             assert type(parse_group(group, dataclasses.asdict(made))) is schema, (group, option)
+
+
+def test_any_torch_optimizer_with_its_own_arguments(tmp_path):
+    cfg = compose_config(["optim=adam", "+optim.extra.amsgrad=true"], tmp_path)
+    assert validate(cfg).optim.optimizer_kwargs()["amsgrad"] is True
+    other = [
+        "optim=custom",
+        "optim._target_=torch.optim.Adagrad",
+        "optim.lr=0.001",
+        "+optim.extra.lr_decay=0.01",
+    ]
+    config = validate(compose_config(other, tmp_path))
+    assert config.optim.optimizer_kwargs() == {"lr": 1e-3, "weight_decay": 0.0, "lr_decay": 0.01}
+
+
+def test_lightning_owns_the_trainer_defaults(tmp_path):
+    """A key left out of trainer.* is Lightning's default, as the Trainer itself would take it."""
+    from transferlab.config.parse import trainer_arg
+
+    config = validate(compose_config(["~trainer.max_epochs", "~trainer.strategy"], tmp_path))
+    assert "max_epochs" not in config.trainer and trainer_arg(config.trainer, "strategy") == "auto"
+    assert trainer_arg(config.trainer, "max_epochs") is None  # Lightning: 1000 epochs unless max_steps
+
+
+def test_interpolation_names_are_read_as_torchvision_reads_them():
+    assert parse_group("data", {"name": "digits", "interpolation": "BICUBIC"}).interpolation == "bicubic"

@@ -106,11 +106,15 @@ def test_eval_takes_any_data_key_on_top_of_the_checkpoints(trained_run, tmp_path
     """eval.py's data keys come from the data schemas: any key can be set, e.g. another image size."""
     from tests.conftest import compose_config
 
-    overrides = [f"ckpt_path={trained_run}/checkpoints/best.ckpt", "data.image_size=24", "data.batch_size=7"]
-    metrics = evaluate(compose_config(overrides, tmp_path, "eval"))
-    assert metrics["preprocessing"]["crop_size"] == 24 and 0 <= metrics["test/acc"] <= 1
+    ckpt = f"ckpt_path={trained_run}/checkpoints/best.ckpt"
+    runs = {"typed": [ckpt, "data.image_size=24", "data.batch_size=7"], "preset": [ckpt, "data=digits"]}
+    for name, overrides in runs.items():
+        assert run_tool("eval", *overrides, f"hydra.run.dir={tmp_path / name}") == 0
+    typed, preset = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in runs)
+    assert typed["preprocessing"]["crop_size"] == 24 and 0 <= typed["test/acc"] <= 1
+    assert preset["preprocessing"]["crop_size"] == 16  # the checkpoint's, not the preset's 32
     with pytest.raises(ConfigError, match="data.batchsize is not a key"):
-        evaluate(compose_config([*overrides, "+data.batchsize=3"], tmp_path, "eval"))
+        evaluate(compose_config([ckpt, "+data.batchsize=3"], tmp_path, "eval"))
 
 
 def test_eval_refuses_data_with_other_classes(trained_run, tmp_path):
@@ -219,3 +223,33 @@ def test_csv_logger_records_metrics_and_hyperparameters(fast_cfg, tmp_path):
     assert "val/acc" in rows[0].split(",") and len(rows) > 1
     assert "optim/lr" in (run_dir / "csv" / "hparams.yaml").read_text()
     assert (run_dir / "metrics.json").is_file() and 0 <= metrics["test/acc"] <= 1
+
+
+def test_checkpoints_of_earlier_releases_still_load():
+    """hyper_parameters as earlier releases stored them: the first release's freeze names, no layer decay
+    keys, a loss of label smoothing only (before the imbalance options)."""
+    model = ImageClassifier(
+        backbone={"source": "torchvision", "name": "resnet18", "weights": None, "trust_file": False},
+        head={"_target_": "transferlab.models.heads.LinearHead", "dropout": 0.0},
+        num_classes=3,
+        class_names=["a", "b", "c"],
+        optim={
+            "_target_": "torch.optim.SGD",
+            "lr": 0.01,
+            "momentum": 0.9,
+            "nesterov": True,
+            "weight_decay": 1e-4,
+        },
+        scheduler={"name": "cosine", "warmup_epochs": 1, "warmup_start_ratio": 0.01, "min_lr_ratio": 0.01},
+        freeze={"name": "backbone"},
+        preprocessing={
+            "crop_size": 16,
+            "resize_size": 18,
+            "mean": [0.5] * 3,
+            "std": [0.5] * 3,
+            "interpolation": "bilinear",
+        },
+        loss={"label_smoothing": 0.1},
+    )
+    assert model.frozen_stages.plan.strategy == "linear_probe" and model.criterion.name == "cross_entropy"
+    assert model.criterion.label_smoothing == 0.1 and model.optim_config.layer_decay is None

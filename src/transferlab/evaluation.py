@@ -18,6 +18,7 @@ from transferlab.data.transforms import Preprocessing
 from transferlab.errors import ConfigError
 from transferlab.files import write_json
 from transferlab.models.classifier import ImageClassifier
+from transferlab.runtime import command_line_overrides
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +37,16 @@ def eval_data_config(checkpoint: dict[str, Any], overrides: dict[str, Any] | Non
     return parse_group("data", merged)
 
 
-def eval_preprocessing(checkpoint: dict[str, Any], overrides: dict[str, Any] | None) -> Preprocessing:
-    """What the checkpoint was trained with; `data.image_size`, `mean`, `std`, `interpolation` set for
-    this evaluation replace it (e.g. to test at another resolution)."""
-    chosen = {key: value for key, value in (overrides or {}).items() if value is not None}
+PREPROCESSING_KEYS = ("image_size", "mean", "std", "interpolation")
+
+
+def eval_preprocessing(checkpoint: dict[str, Any], data: DataConfig, typed: list[str]) -> Preprocessing:
+    """What the checkpoint was trained with; `data.image_size`, `mean`, `std`, `interpolation` typed
+    for this evaluation replace it (e.g. to test at another resolution). A `data=<option>` preset's
+    own values do not: they are not what the checkpoint was trained with, nor what was asked for."""
     stored = Preprocessing.from_dict(checkpoint["hyper_parameters"]["preprocessing"])
-    keys = ("image_size", "mean", "std", "interpolation")
-    return stored.with_overrides(**{key: chosen[key] for key in keys if key in chosen})
+    keys = {o.split("=", 1)[0].lstrip("+~").removeprefix("data.") for o in typed}
+    return stored.with_overrides(**{key: getattr(data, key) for key in PREPROCESSING_KEYS if key in keys})
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -51,7 +55,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     checkpoint = read_checkpoint(config.ckpt_path, trust=config.trust_checkpoint)
     L.seed_everything(config.seed, workers=True)
     data = eval_data_config(checkpoint, config.data)
-    preprocessing = eval_preprocessing(checkpoint, config.data)
+    preprocessing = eval_preprocessing(checkpoint, data, command_line_overrides())
     log.info("Preprocessing: %s", preprocessing)
     datamodule = TransferDataModule(data, preprocessing, seed=config.seed)
     datamodule.setup()

@@ -20,6 +20,7 @@ from hydra.experimental.callback import Callback as HydraCallback
 from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from omegaconf import DictConfig
 
+from transferlab.config.parse import trainer_arg
 from transferlab.errors import ConfigError
 from transferlab.resume import check_resumable, check_resume_overrides
 from transferlab.runtime import is_rank_zero_process, is_slurm_requeue, slurm_run_name
@@ -83,13 +84,13 @@ def _device_count(devices: Any, accelerator: str) -> int:
 
 def processes_launched_by_lightning(trainer: Mapping[str, Any]) -> int:
     """How many processes Lightning would start by re-running the command line (0: none)."""
-    strategy = str(trainer["strategy"])
+    strategy = str(trainer_arg(trainer, "strategy"))
     if any(word in strategy for word in ("spawn", "fork", "notebook")):
         return 0  # multiprocessing children: they do not re-run the command line
     if SLURMEnvironment.detect() or TorchElasticEnvironment.detect():
         return 0  # SLURM (srun) or torchrun started every process already
-    count = _device_count(trainer["devices"], str(trainer["accelerator"]))
-    count *= int(trainer["num_nodes"])
+    count = _device_count(trainer_arg(trainer, "devices"), str(trainer_arg(trainer, "accelerator")))
+    count *= int(trainer_arg(trainer, "num_nodes"))
     return count if count > 1 else 0
 
 
@@ -102,8 +103,8 @@ def check_multirun_processes(trainer: Mapping[str, Any], multirun: bool) -> None
     processes = processes_launched_by_lightning(trainer)
     if multirun and processes:
         raise ConfigError(
-            f"trainer.strategy={trainer['strategy']} with trainer.devices={trainer['devices']} "
-            f"and trainer.num_nodes={trainer['num_nodes']} starts {processes} processes by re-running "
+            f"trainer.strategy={trainer_arg(trainer, 'strategy')} with trainer.devices="
+            f"{trainer_arg(trainer, 'devices')} and trainer.num_nodes={trainer_arg(trainer, 'num_nodes')} starts {processes} processes by re-running "
             "the command, which in a sweep (-m) would re-run the sweep in each of them. Use "
             "hydra/launcher=slurm (SLURM starts one task per device), or run each configuration as a "
             "single run without -m."
@@ -122,17 +123,17 @@ def check_submitit_resources(config: DictConfig) -> None:
     """tasks_per_node must be trainer.devices and nodes trainer.num_nodes: Lightning runs one process per
     task. The launcher's resources are the same for every job, so a sweep cannot vary them."""
     launcher, trainer = config.hydra.launcher, config.trainer
-    if not str(trainer["devices"]).isdigit():
+    if not str(trainer_arg(trainer, "devices")).isdigit():
         raise ConfigError(
-            f"trainer.devices={trainer['devices']} with hydra/launcher=slurm: set the number of devices "
+            f"trainer.devices={trainer_arg(trainer, 'devices')} with hydra/launcher=slurm: set the number of devices "
             "per node (trainer.devices=4), which is also the number of SLURM tasks per node"
         )
     pairs = (("tasks_per_node", "devices"), ("nodes", "num_nodes"))
     for launcher_key, trainer_key in pairs:
-        if str(launcher[launcher_key]) != str(trainer[trainer_key]):
+        if str(launcher[launcher_key]) != str(trainer_arg(trainer, trainer_key)):
             raise ConfigError(
                 f"hydra.launcher.{launcher_key}={launcher[launcher_key]} but "
-                f"trainer.{trainer_key}={trainer[trainer_key]}: Lightning runs one process per SLURM task, "
+                f"trainer.{trainer_key}={trainer_arg(trainer, trainer_key)}: Lightning runs one process per SLURM task, "
                 f"so they must be equal. Set trainer.{trainer_key} (the launcher follows it) and leave "
                 f"hydra.launcher.{launcher_key} unset."
             )

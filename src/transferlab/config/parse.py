@@ -25,15 +25,34 @@ def schema_for(group: str, values: Mapping[str, Any]) -> type:
         return next(iter(options.values()))
     key = DISCRIMINATORS.get(group, "name")
     value = values.get(key) if isinstance(values, Mapping) else None
-    by_value = {getattr(schema, key): schema for schema in options.values()}
-    if value not in by_value:
-        valid = [*by_value, *ALIASES.get(group, {})]
-        raise ConfigError(f"{group}.{key}={value!r} is not valid; choose one of: {', '.join(valid)}")
-    return by_value[value]
+    by_value = {getattr(schema, key): schema for schema in options.values() if getattr(schema, key) != "???"}
+    if value in by_value:
+        return by_value[value]
+    if group == "optim" and _optimizer_class(value) is not None:
+        return s.OptimConfig  # another torch optimizer: our keys, its own arguments in optim.extra
+    valid = [*by_value, *ALIASES.get(group, {})]
+    if group == "optim":
+        valid.append("or any importable torch.optim.Optimizer class (optim=custom)")
+    raise ConfigError(f"{group}.{key}={value!r} is not valid; choose one of: {', '.join(valid)}")
+
+
+def _optimizer_class(target: Any) -> type | None:
+    import torch
+    from hydra.utils import get_class
+
+    try:
+        cls = get_class(str(target))
+    except Exception:
+        return None
+    return cls if isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer) else None
 
 
 def _option_name(group: str, schema: type) -> str:
-    return next(name for name, option in OPTIONS[group].items() if option is schema)
+    """How messages name the option: `data=digits`; a group with one schema, just by its name."""
+    if len(OPTIONS[group]) == 1:
+        return group
+    names = [name for name, option in OPTIONS[group].items() if option is schema]
+    return f"{group}={names[0]}" if names else f"{group} ({schema.__name__})"
 
 
 def build(schema: type, values: Mapping[str, Any], where: str, option: str) -> Any:
@@ -44,9 +63,11 @@ def build(schema: type, values: Mapping[str, Any], where: str, option: str) -> A
         return OmegaConf.to_object(node)
     except ConfigKeyError as err:
         known = ", ".join(f.name for f in dataclasses.fields(schema))
+        hint = "A `+key=value` override adds keys that nothing reads: check the spelling."
+        if where == "optim.":
+            hint += f" Other arguments of the optimizer class go in optim.extra: +optim.extra.{err.key}=..."
         raise ConfigError(
-            f"{where}{err.key} is not a key of {option}; its keys are: {known}. "
-            "(A `+key=value` override adds keys that nothing reads: check the spelling.)"
+            f"{where}{err.key} is not a key of {option}; its keys are: {known}. ({hint})"
         ) from None
     except MissingMandatoryValue as err:
         raise ConfigError(f"{where}{err.full_key} must be set ({option} has no default for it)") from None
@@ -63,8 +84,7 @@ def parse_group(group: str, values: Mapping[str, Any]) -> Any:
     if group in ALIASES and "name" in values:  # an old name stands for its option
         values["name"] = ALIASES[group].get(values["name"], values["name"])
     schema = schema_for(group, values)
-    option = f"{group}={_option_name(group, schema)}"
-    return build(schema, values, f"{group}.", option)
+    return build(schema, values, f"{group}.", _option_name(group, schema))
 
 
 def _plain_config(cfg: DictConfig) -> dict[str, Any]:
@@ -83,7 +103,8 @@ def parse_train_config(cfg: DictConfig) -> s.TrainConfig:
     config = build(s.TrainConfig, plain, "", "train.yaml")
     config = dataclasses.replace(config, **groups)
     check_trainer(config.trainer)
-    _check_milestones(config.freeze, config.trainer["max_epochs"])
+    check_optimizer(config.optim)
+    _check_milestones(config.freeze, trainer_arg(config.trainer, "max_epochs"))
     return config
 
 
@@ -95,18 +116,40 @@ def parse_eval_config(cfg: DictConfig) -> s.EvalConfig:
     return config
 
 
-def check_trainer(trainer: Mapping[str, Any]) -> None:
-    """Every `trainer.*` key is an argument of Lightning's Trainer (it owns their types and defaults)."""
+def _trainer_parameters() -> Mapping[str, inspect.Parameter]:
     import lightning as L
 
-    accepted = set(inspect.signature(L.Trainer.__init__).parameters) | {"_target_"}
+    return inspect.signature(L.Trainer.__init__).parameters
+
+
+def trainer_arg(trainer: Mapping[str, Any], name: str) -> Any:
+    """`trainer.<name>`, or Lightning's default when the config leaves it out (Lightning owns the trainer
+    group: its Trainer's signature is the schema)."""
+    return trainer[name] if name in trainer else _trainer_parameters()[name].default
+
+
+def check_optimizer(optim: s.OptimConfig) -> None:
+    """The keyword arguments the optimizer will get are arguments of its class."""
+    cls = _optimizer_class(optim._target_)
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "params"}
+    unknown = sorted(set(optim.optimizer_kwargs()) - accepted)
+    if unknown:
+        raise ConfigError(
+            f"optim: {', '.join(unknown)} is not an argument of {optim._target_}; its arguments: "
+            f"{', '.join(sorted(accepted))}"
+        )
+
+
+def check_trainer(trainer: Mapping[str, Any]) -> None:
+    """Every `trainer.*` key is an argument of Lightning's Trainer (it owns their types and defaults)."""
+    accepted = set(_trainer_parameters()) | {"_target_"}
     unknown = sorted(set(trainer) - accepted)
     if unknown:
         raise ConfigError(
             f"trainer.{unknown[0]} is not an argument of lightning.Trainer; see "
             "https://lightning.ai/docs/pytorch/stable/common/trainer.html#trainer-class-api"
         )
-    max_epochs = trainer.get("max_epochs")
+    max_epochs = trainer_arg(trainer, "max_epochs")
     if max_epochs is not None and (not isinstance(max_epochs, int) or max_epochs < -1):
         raise ConfigError(f"trainer.max_epochs={max_epochs!r} must be an integer >= 0 (or -1: no limit)")
 

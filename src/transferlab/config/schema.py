@@ -22,6 +22,11 @@ INTERPOLATIONS = ("nearest", "nearest-exact", "bilinear", "bicubic", "box", "ham
 SPLITS = ("train", "val", "test")
 
 
+def default_mode(metric: str) -> str:
+    """The better direction of a metric we have no mode for: min for a loss, max otherwise."""
+    return "min" if "loss" in metric else "max"
+
+
 def check_choice(value: Any, key: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(choices)}")
@@ -91,8 +96,14 @@ class MLPHeadConfig(HeadConfig):
 class OptimConfig:
     """Our keys; each subclass adds its optimizer's own keyword arguments."""
 
-    OURS: ClassVar[tuple[str, ...]] = ("_target_", "backbone_lr_mult", "layer_decay", "no_decay_norm_bias")
-    _target_: str = MISSING
+    OURS: ClassVar[tuple[str, ...]] = (
+        "_target_",
+        "backbone_lr_mult",
+        "layer_decay",
+        "no_decay_norm_bias",
+        "extra",
+    )
+    _target_: str = MISSING  # a torch.optim.Optimizer class; sgd, adam, adamw, rmsprop have their own schema
     lr: float = MISSING  # the head's learning rate; backbone stages scale it
     weight_decay: float = 0.0
     backbone_lr_mult: float = 1.0  # backbone LR = lr * this
@@ -100,6 +111,9 @@ class OptimConfig:
         None  # in (0, 1]: stage i of n gets lr * backbone_lr_mult * layer_decay ** (n - i)
     )
     no_decay_norm_bias: bool = True  # no weight decay on biases and normalisation weights
+    extra: dict[str, Any] = field(
+        default_factory=dict
+    )  # more keyword arguments of the class, e.g. {amsgrad: true}
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -114,8 +128,9 @@ class OptimConfig:
             raise ConfigError(f"optim.backbone_lr_mult={self.backbone_lr_mult!r} must be a number >= 0")
 
     def optimizer_kwargs(self) -> dict[str, Any]:
-        """The keyword arguments of the torch optimizer: every field that is not ours."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self.OURS}
+        """The keyword arguments of the torch optimizer: every field that is not ours, and `extra`."""
+        own = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self.OURS}
+        return {**own, **self.extra}
 
 
 @dataclass
@@ -313,6 +328,7 @@ class DataConfig:
     shots_seed: int | None = None  # which N images; null = the run's seed
     split_seed: int = 0  # the stratified splits we make are fixed by this seed
     val_fraction: float = 0.2  # held out from train when the data has no val split
+    test_fraction: float = 0.0  # > 0 and the data has no test split: hold out this stratified share as test
     image_size: int | None = None  # crop size; null = what the backbone's weights expect
     mean: list[float] | None = None  # normalisation; null = the weights' mean/std
     std: list[float] | None = None
@@ -344,8 +360,6 @@ class DataConfig:
         check_choice(self.imbalance, "data.imbalance", IMBALANCE_OPTIONS)
         check_choice(self.scan, "data.scan", SCAN_MODES)
         check_choice(self.empty_classes, "data.empty_classes", EMPTY_CLASS_POLICIES)
-        if self.interpolation is not None:
-            check_choice(self.interpolation, "data.interpolation", INTERPOLATIONS)
         for key in ("mean", "std"):
             values = getattr(self, key)
             if values is not None and len(values) != 3:
@@ -356,19 +370,30 @@ class DataConfig:
             raise ConfigError(
                 f"data.classes={self.classes!r} must list at least 2 classes, or be null for all of them"
             )
-        self._check_fractions(self.test_fraction)
+        if self.interpolation is not None:
+            self.interpolation = self.interpolation.lower()  # BICUBIC as bicubic, as torchvision reads it
+            check_choice(self.interpolation, "data.interpolation", INTERPOLATIONS)
+        self._check_fractions()
+        self._check_class_fraction()
 
-    @property
-    def test_fraction(self) -> float:
-        """The share held out as the test split when the data has none (datasets that do override it)."""
-        return 0.0
-
-    def _check_fractions(self, test: float) -> None:
-        val = self.val_fraction
+    def _check_fractions(self) -> None:
+        val, test = self.val_fraction, self.test_fraction
         if not 0 < val < 1 or not 0 <= test < 1 or val + test >= 1:
             raise ConfigError(
                 f"data.val_fraction={val} and data.test_fraction={test}: each must be in [0, 1) (val > 0), "
                 "their sum below 1"
+            )
+
+    def _check_class_fraction(self) -> None:
+        """Its classes are checked against the data's when the data is read (datasets._cut_classes)."""
+        fractions = self.class_fraction
+        if fractions is None:
+            return
+        if not isinstance(fractions, dict) or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) and 0 < v <= 1 for v in fractions.values()
+        ):
+            raise ConfigError(
+                f"data.class_fraction={fractions!r} must map classes to fractions in (0, 1], e.g. {{3: 0.1}}"
             )
 
 
@@ -393,14 +418,25 @@ class Cifar10Config(DataConfig):
     download: bool = True
     val_fraction: float = 0.1  # held out from the 50k training images, stratified
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.test_fraction:
+            raise ConfigError(
+                f"data.test_fraction={self.test_fraction}: CIFAR-10 has its own test split; leave it at 0"
+            )
+
 
 @dataclass
 class ImageFolderConfig(DataConfig):
     """Your images: root/train/<class>/ (optional val/, test/), or root/<class>/ split by us."""
 
     name: str = "imagefolder"
-    root: str | None = MISSING
-    test_fraction: float = 0.0  # > 0 and no test/: hold out this stratified share as the test split
+    root: str | None = MISSING  # the folder of your images
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.root:
+            raise ConfigError("data.root must be set for data=imagefolder: data.root=/path/to/images")
 
 
 # --- augment ----------------------------------------------------------------------------------------

@@ -23,7 +23,13 @@ from transferlab.runtime import slurm_run_name
 OPTIONS: dict[str, dict[str, type]] = {
     "backbone": {"backbone": s.BackboneConfig},
     "head": {"linear": s.LinearHeadConfig, "mlp": s.MLPHeadConfig},
-    "optim": {"sgd": s.SGDConfig, "adam": s.AdamConfig, "adamw": s.AdamWConfig, "rmsprop": s.RMSpropConfig},
+    "optim": {
+        "sgd": s.SGDConfig,
+        "adam": s.AdamConfig,
+        "adamw": s.AdamWConfig,
+        "rmsprop": s.RMSpropConfig,
+        "custom": s.OptimConfig,  # any other torch.optim class: its arguments in optim.extra
+    },
     "scheduler": {
         "none": s.ConstantScheduleConfig,
         "cosine": s.CosineScheduleConfig,

@@ -351,8 +351,6 @@ def resolve_classes(requested: list[Any] | None, class_names: list[str]) -> list
     chosen = [_class_id(item, class_names, "data.classes") for item in requested]
     if len(set(chosen)) != len(chosen):
         raise ConfigError(f"data.classes lists a class twice: {requested}")
-    if len(chosen) < 2:
-        raise ConfigError("data.classes must keep at least 2 classes")
     return chosen
 
 
@@ -384,8 +382,6 @@ def _cut_classes(
         source_id = _class_id(item, raw_names, "data.class_fraction")
         if source_id not in label_map:
             raise ConfigError(f"data.class_fraction: class {item!r} is not among the kept data.classes")
-        if not 0 < float(fraction) <= 1:
-            raise ConfigError(f"data.class_fraction: {item!r}: {fraction} must be in (0, 1]")
         members = np.flatnonzero(labels == label_map[source_id])
         keep = max(1, round(len(members) * float(fraction)))
         dropped |= {split.indices[j] for j in members} - {

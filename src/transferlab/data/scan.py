@@ -16,14 +16,13 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from transferlab.config.schema import PIL_MAX_PIXELS
+from transferlab.config.schema import PIL_MAX_PIXELS, SPLITS
 from transferlab.data.images import ImageCheck, check_image, is_image_name
 from transferlab.errors import DataError
 from transferlab.runtime import usable_cpu_count
 
 log = logging.getLogger(__name__)
 
-SPLIT_NAMES = ("train", "val", "test")
 _SERIAL_BELOW = 2000  # files: fewer are checked in this process (~0.1 s; a pool costs more than it saves)
 _CHUNK = 500  # files per task: large enough that sending paths and results back costs little
 
@@ -123,7 +122,7 @@ def scan_image_folder(
     started = time.monotonic()
     root = Path(root).expanduser()
     layout = _layout(root)
-    splits = ["train"] if layout == "single" else [s for s in SPLIT_NAMES if (root / s).is_dir()]
+    splits = ["train"] if layout == "single" else [s for s in SPLITS if (root / s).is_dir()]
     scan = FolderScan(root, layout, [], {}, mode=mode)
     scan.class_names = _class_dirs(scan.split_dir("train"))
     if not scan.class_names:

@@ -64,7 +64,7 @@ class Preprocessing:
 
 def interpolation_mode(name: str) -> InterpolationMode:
     """The torchvision mode of an interpolation name (the schema's INTERPOLATIONS, as the weights use them)."""
-    return InterpolationMode(name.lower())
+    return InterpolationMode(name)
 
 
 def normalize(prep: Preprocessing) -> list[v2.Transform]:

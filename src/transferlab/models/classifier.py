@@ -59,12 +59,9 @@ class ImageClassifier(L.LightningModule):
         self._classifier_prefix = built.classifier_prefix
         self.num_features = built.num_features
         self.head = instantiate(to_head_kwargs(head), in_features=built.num_features, num_classes=num_classes)
-        # checkpoints from before the loss options hold no loss: plain cross-entropy
-        spec = (
-            loss
-            if loss is not None
-            else {"name": "cross_entropy", "class_weights": None, **asdict(LossConfig())}
-        )
+        # plain cross-entropy unless said otherwise: checkpoints from before the imbalance options hold
+        # only loss.label_smoothing
+        spec = {"name": "cross_entropy", "class_weights": None, **asdict(LossConfig()), **(loss or {})}
         self.criterion = ClassificationLoss(**spec)
         self.train_metrics = classification_metrics(num_classes)
         self.val_metrics = classification_metrics(num_classes)

@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from transferlab.config.schema import TrainConfig, default_mode
+
 METRIC_COLUMNS = ("val/acc", "val/f1", "val/loss", "test/acc", "test/f1", "test/loss")
 
 
@@ -27,7 +29,7 @@ class Job:
     metrics: dict[str, Any] = field(default_factory=dict)
     error: str = ""
     optimized_metric: str | None = None
-    optimized_mode: str = "max"
+    optimized_mode: str = TrainConfig.optimized_mode
 
 
 def _read_yaml(path: Path) -> Any:
@@ -56,7 +58,7 @@ def read_job(job_dir: Path) -> Job:
         metrics=metrics,
         error=error,
         optimized_metric=config.get("optimized_metric"),
-        optimized_mode=str(config.get("optimized_mode", "max")),
+        optimized_mode=str(config.get("optimized_mode", TrainConfig.optimized_mode)),  # a run's saved config
     )
 
 
@@ -115,7 +117,7 @@ def _default_mode(metric: str, job: Job) -> str:
     """The sweep's optimized_mode for its optimized metric; for another metric, min for losses, else max."""
     if metric == job.optimized_metric:
         return job.optimized_mode
-    return "min" if "loss" in metric else "max"
+    return default_mode(metric)
 
 
 def write_summary(
@@ -128,7 +130,7 @@ def write_summary(
     if not jobs:
         raise SystemExit(f"Error: {sweep_dir} holds no job directories (folders with .hydra/)")
     first = next((j for j in jobs if j.optimized_metric), jobs[0])
-    metric = metric or first.optimized_metric or "val/acc"
+    metric = metric or first.optimized_metric or TrainConfig.optimized_metric
     mode = mode or _default_mode(metric, first)
     rows = summary_rows(jobs, metric, maximize=mode == "max")
     out = out or sweep_dir

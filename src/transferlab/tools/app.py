@@ -44,8 +44,8 @@ def exit_on_user_error(task: Callable[[DictConfig], Any]) -> Callable[[DictConfi
 
 
 def hydra_tool(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Callable[[], Any]]:
-    """`@hydra_tool("train")` on `task(cfg)`: `main()` parses the command line as Hydra overrides of
-    conf/train.yaml and runs the task."""
+    """`@hydra_tool("<tool>")` on `task(cfg)`: `main()` parses the command line as Hydra overrides of
+    conf/<tool>.yaml and runs the task."""
 
     def decorate(task: Callable[[DictConfig], Any]) -> Callable[[], Any]:
         hydra_main = hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name=config_name)(

@@ -27,7 +27,7 @@ from transferlab.launch import find_earlier_run
 from transferlab.tools.app import hydra_tool, run_in_process
 
 WEIGHTS = "backbone.weights={pretrained}"  # the step-1 checkpoint
-# slug -> (label, experiment, overrides); every method trains 30 epochs on the same 5 labels per class
+# slug -> (label, experiment, overrides); every method trains the recipe's epochs on the same labelled images
 TARGET_METHODS = {
     "scratch": ("from scratch (random init)", "digits_scratch", []),
     "linear_probe": ("linear probe", "digits_finetune", [WEIGHTS, "freeze=linear_probe", "optim.lr=0.05"]),
@@ -146,10 +146,10 @@ def run_demo(config: DemoConfig, out: Path) -> None:
 
 
 def _shots(out: Path) -> str:
-    for config in out.glob("*/.hydra/config.yaml"):
-        for line in config.read_text().splitlines():
-            if line.strip().startswith("shots:") and "null" not in line:
-                return line.split(":", 1)[1].strip()
+    """Labelled images per class of the target runs, from their saved configs."""
+    for saved in sorted(out.glob("*_seed*/.hydra/config.yaml")):
+        shots = OmegaConf.load(saved).data.shots
+        return "all" if shots is None else str(shots)
     return "all"
 
 
