@@ -6,7 +6,8 @@ from tests.conftest import run_tool, write_hostile_folder, write_image_folder
 
 
 def main(overrides: list[str]) -> int:
-    return run_tool("check", *overrides)
+    """The check with random-init weights: pretrained ones are not cached offline (a test below)."""
+    return run_tool("check", "backbone.weights=null", "data.image_size=16", *overrides)
 
 
 def test_hostile_folder_lists_counts_sizes_modes_and_every_bad_file(tmp_path, capsys):

@@ -113,7 +113,7 @@ def test_missing_weights_file_names_the_path(tmp_path):
         ("+optim.lrr=0.1", "optim.lrr is not a key of optim=sgd"),
         ("+seedd=1", "seedd is not a key of train.yaml"),
         ("+trainer.max_epoch=3", "trainer.max_epoch is not an argument of lightning.Trainer"),
-        ("trainer.max_epochs=-2", r"trainer.max_epochs=-2 must be an integer >= 0 \(or -1"),
+        ("trainer.max_epochs=-2", r"trainer.max_epochs=-2 must be an integer >= 1"),
         ("data.classes=[]", r"data.classes=\[\] must list at least 2 classes"),
         ("optim=adam optim._target_=torch.optim.SGD", "optim.betas is not a key of optim=sgd"),
         ("scheduler=cosine scheduler.name=step", "scheduler.warmup_epochs is not a key of scheduler=step"),
@@ -208,6 +208,7 @@ def test_every_option_of_a_group_has_the_groups_keys(tmp_path):
     for group, options in OPTIONS.items():
         for option, schema in options.items():
             required = {f.name: "x" for f in dataclasses.fields(schema) if f.default == "???"}
+            required |= {"monitor": "val/loss"} if "monitor" in required else {}
             required |= {"_target_": "torch.optim.Adagrad", "lr": 0.01} if option == "custom" else {}
             made = schema(**required)
             assert type(parse_group(group, dataclasses.asdict(made))) is schema, (group, option)
@@ -230,9 +231,11 @@ def test_lightning_owns_the_trainer_defaults(tmp_path):
     """A key left out of trainer.* is Lightning's default, as the Trainer itself would take it."""
     from transferlab.config.parse import trainer_arg
 
-    config = validate(compose_config(["~trainer.max_epochs", "~trainer.strategy"], tmp_path))
-    assert "max_epochs" not in config.trainer and trainer_arg(config.trainer, "strategy") == "auto"
-    assert trainer_arg(config.trainer, "max_epochs") is None  # Lightning: 1000 epochs unless max_steps
+    config = validate(compose_config(["~trainer.strategy", "~trainer.deterministic"], tmp_path))
+    assert "strategy" not in config.trainer and trainer_arg(config.trainer, "strategy") == "auto"
+    assert trainer_arg(config.trainer, "deterministic") is None
+    with pytest.raises(ConfigError, match="trainer.max_epochs=None must be an integer >= 1"):
+        validate(compose_config(["~trainer.max_epochs"], tmp_path))  # Lightning's: 1000, or max_steps
 
 
 def test_interpolation_names_are_read_as_torchvision_reads_them():

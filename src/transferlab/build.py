@@ -9,17 +9,27 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ProgressBar
 from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from transferlab.backbones import get_source, is_weights_file
 from transferlab.callbacks import ConfusionMatrixImage
-from transferlab.config.schema import AugmentConfig, BackboneConfig, DataConfig, TrainConfig
+from transferlab.config.schema import (
+    AugmentConfig,
+    BackboneConfig,
+    DataConfig,
+    PlateauScheduleConfig,
+    TrainConfig,
+)
 from transferlab.data.datamodule import TransferDataModule
 from transferlab.data.transforms import Preprocessing
 from transferlab.errors import ConfigError
 from transferlab.models.classifier import ImageClassifier
+from transferlab.models.metrics import TOP5_MIN_CLASSES
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +79,10 @@ def loss_spec(config: TrainConfig, datamodule: TransferDataModule) -> dict[str, 
 def build_model(
     config: TrainConfig, class_names: list[str], preprocessing: Preprocessing, loss: dict[str, Any] | None
 ) -> ImageClassifier:
-    """A classifier for these classes, random init (pretrained weights: `load_pretrained_backbone`)."""
-    return ImageClassifier(
+    """A classifier for these classes, random init (pretrained weights: `load_pretrained_backbone`),
+    checked to take the input size and to log the metrics the run monitors."""
+    check_monitored_metrics(config, len(class_names))
+    model = ImageClassifier(
         backbone=asdict(config.backbone),
         head=asdict(config.head),
         num_classes=len(class_names),
@@ -81,6 +93,40 @@ def build_model(
         preprocessing=preprocessing.to_dict(),
         loss=loss,
     )
+    check_input_size(model, preprocessing.crop_size, config.backbone.name)
+    return model
+
+
+def check_monitored_metrics(config: TrainConfig, num_classes: int) -> None:
+    """acc_top5 is logged only with more than 5 classes (`models.metrics`), known once the data is read."""
+    monitored = {"optimized_metric": config.optimized_metric}
+    if isinstance(config.scheduler, PlateauScheduleConfig):
+        monitored["scheduler.monitor"] = config.scheduler.monitor
+    for key, metric in monitored.items():
+        if metric.endswith("/acc_top5") and num_classes <= TOP5_MIN_CLASSES:
+            raise ConfigError(
+                f"{key}={metric} is logged only with more than {TOP5_MIN_CLASSES} classes; this data has "
+                f"{num_classes}: choose val/acc"
+            )
+
+
+def check_input_size(model: ImageClassifier, size: int, backbone: str) -> None:
+    """One blank image through the network before any training: a size the backbone cannot take fails
+    here, in one line, not at the first batch. Module modes are restored; no statistics change."""
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, size, size))
+    except (RuntimeError, ValueError, AssertionError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ConfigError(
+            f"data.image_size={size} does not fit backbone {backbone} ({reason}): choose another "
+            "data.image_size, or leave it unset for the size its weights expect"
+        ) from None
+    finally:
+        for module, training in modes.items():
+            module.training = training
 
 
 def instantiate_group(group: dict[str, Any] | None) -> list[Any]:
@@ -96,9 +142,18 @@ def build_trainer(trainer: dict[str, Any], callbacks: list[Callback], loggers: l
     if not loggers:  # logger=none: Lightning refuses a LearningRateMonitor with nothing to log to
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     has_bar = any(isinstance(c, ProgressBar) for c in callbacks)
-    return instantiate(
-        trainer,
-        callbacks=[*callbacks, ConfusionMatrixImage()],
-        logger=loggers or False,
-        enable_progress_bar=has_bar,
-    )
+    try:
+        return instantiate(
+            trainer,
+            callbacks=[*callbacks, ConfusionMatrixImage()],
+            logger=loggers or False,
+            enable_progress_bar=has_bar,
+        )
+    except InstantiationException as error:  # Lightning's own check of its arguments (accelerator, ...)
+        cause = error.__cause__
+        if isinstance(cause, MisconfigurationException | ValueError | TypeError):
+            reason = " ".join(str(cause).split())
+            raise ConfigError(
+                f"trainer: {reason} (the trainer.* keys are lightning.Trainer's arguments)"
+            ) from None
+        raise

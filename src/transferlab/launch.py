@@ -1,8 +1,9 @@
 """Launch rules: runs and sweeps that cannot work are refused before they start (Hydra callbacks
 in conf/hydra/default.yaml, and the check each training job makes).
 
-- a run never starts in a directory that holds an earlier run (except `resume=` of that run, and a
-  SLURM job restarted after a requeue);
+- a run or sweep starts only in a new or empty directory, which it claims atomically (two runs started
+  together on one directory: one of them is refused), except `resume=` of that run and a SLURM job
+  restarted after a requeue;
 - a sweep job may not let Lightning start DDP processes (they would re-run the whole sweep);
 - the SLURM launcher's tasks and nodes must be the trainer's devices and nodes.
 
@@ -11,6 +12,7 @@ Hydra turns exceptions raised in callbacks into warnings, so the callbacks exit 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ from typing import Any
 import torch
 from hydra.experimental.callback import Callback as HydraCallback
 from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from transferlab.config.parse import trainer_arg
 from transferlab.errors import ConfigError
@@ -26,7 +28,42 @@ from transferlab.resume import check_resumable, check_resume_overrides
 from transferlab.runtime import is_rank_zero_process, is_slurm_requeue, slurm_run_name
 
 SLURM_LAUNCHER = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+BASIC_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
 RUN_MARKERS = (".hydra", "checkpoints", "metrics.json")
+
+
+def claim_directory(directory: str | Path, marker: str) -> Path:
+    """Make `directory` ours before anything is written into it: created if missing, refused when it is
+    not an empty folder (it may be the user's), and claimed by creating `marker` in it exclusively (a
+    folder, or a file when its name has a suffix), so that of two runs started together on one directory
+    exactly one proceeds. Returns the marker's path."""
+    path = Path(directory)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{path} is a file, not a directory: choose another output directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        entries = sorted(os.listdir(path))
+        if entries:
+            raise ConfigError(
+                f"{path} already exists and is not empty (it holds {entries[0]!r}); it is left untouched. "
+                "Choose a new directory, or leave it unset for a fresh one (resume=<run dir> continues a run)"
+            )
+        claim = path / marker
+        if claim.suffix:
+            os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        else:
+            claim.mkdir()
+        return claim
+    except FileExistsError:
+        raise ConfigError(
+            f"{path} was just claimed by another run started at the same time; it is left to it"
+        ) from None
+    except OSError as error:
+        raise ConfigError(
+            f"cannot create the output directory {error.filename or path}: {error.strerror}. Choose a writable "
+            "paths.output_root (or hydra.run.dir)"
+        ) from None
 
 
 def find_earlier_run(directory: str | Path) -> Path | None:
@@ -39,8 +76,8 @@ def find_earlier_run(directory: str | Path) -> Path | None:
 
 
 class RunDirGuard(HydraCallback):
-    """Refuse to start a run in a directory that holds an earlier run (its config, checkpoints, metrics),
-    before Hydra writes anything into it."""
+    """Claim the run directory before Hydra writes anything into it (`claim_directory`; its marker is
+    Hydra's own `.hydra` folder), or refuse; a resumed or requeued run continues in its own directory."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         if not is_rank_zero_process():
@@ -55,8 +92,12 @@ class RunDirGuard(HydraCallback):
         if earlier is not None:
             raise SystemExit(
                 f"Error: hydra.run.dir={run_dir} already holds a run ({earlier}); it is left untouched. "
-                "Choose a new hydra.run.dir, or leave it unset for a fresh directory."
+                "Choose a new hydra.run.dir, leave it unset for a fresh directory, or resume={run_dir}."
             )
+        try:
+            claim_directory(run_dir, marker=str(config.hydra.output_subdir or ".hydra"))
+        except ConfigError as error:
+            raise SystemExit(f"Error: hydra.run.dir: {error}") from None
 
     @staticmethod
     def _check_resume(resume: str, run_dir: str, overrides: list[str]) -> None:
@@ -79,6 +120,10 @@ def _device_count(devices: Any, accelerator: str) -> int:
         return len([d for d in devices.split(",") if d.strip()])
     if str(devices) in ("-1", "auto"):
         return 1 if accelerator == "cpu" else max(1, torch.cuda.device_count())
+    if not str(devices).isdigit():
+        raise ConfigError(
+            f"trainer.devices={devices!r} is not valid: a number of devices (2), a list of ids ([0,1]) or auto"
+        )
     return int(devices)
 
 
@@ -149,12 +194,40 @@ def check_submitit_resources(config: DictConfig) -> None:
         )
 
 
+def check_single_run(config: DictConfig) -> None:
+    """A sweeper or launcher chosen for a run without -m would be ignored by Hydra: the run would
+    happen here, once, as if they had not been asked for."""
+    choices = config.hydra.runtime.choices
+    if config.hydra.sweeper["_target_"] != BASIC_SWEEPER:
+        raise ConfigError(
+            f"hparams_search={choices.get('hparams_search')} runs a sweep: add -m "
+            f"(python train.py -m hparams_search={choices.get('hparams_search')} ...)"
+        )
+    if config.hydra.launcher["_target_"] != BASIC_LAUNCHER:
+        raise ConfigError(
+            f"hydra/launcher={choices.get('hydra/launcher')} launches the jobs of a sweep: add -m "
+            "(a sweep of one job is fine), or leave the launcher out to run here"
+        )
+
+
 class LaunchChecks(HydraCallback):
-    """Checks a sweep before any job is launched or submitted. Exits (SystemExit) because Hydra turns
-    exceptions raised in callbacks into warnings. Swept values (trainer.devices=1,2) are checked per job."""
+    """Checks a sweep before any job is launched or submitted, and a single run for settings only a
+    sweep reads. Exits (SystemExit) because Hydra turns exceptions raised in callbacks into warnings.
+    Swept values (trainer.devices=1,2) are checked per job."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            check_single_run(config)
+        except ConfigError as error:
+            raise SystemExit(f"Error: {error}") from None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
             check_sweep_launch(config)
         except ConfigError as error:
             raise SystemExit(f"Error: {error}") from None
+        try:  # its job directories are numbered from 0: an earlier sweep's would be written over
+            claim = claim_directory(config.hydra.sweep.dir, marker="multirun.yaml")
+        except ConfigError as error:
+            raise SystemExit(f"Error: hydra.sweep.dir: {error}") from None
+        OmegaConf.save(config, claim)  # what Hydra's basic sweeper writes there too; Optuna's does not

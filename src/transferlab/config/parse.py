@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,6 +15,8 @@ from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBas
 from transferlab.config import schema as s
 from transferlab.config.store import ALIASES, DISCRIMINATORS, OPTIONS
 from transferlab.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 GROUPS = tuple(OPTIONS)
 
@@ -104,7 +107,11 @@ def parse_train_config(cfg: DictConfig) -> s.TrainConfig:
     config = dataclasses.replace(config, **groups)
     check_trainer(config.trainer)
     check_optimizer(config.optim)
-    _check_milestones(config.freeze, trainer_arg(config.trainer, "max_epochs"))
+    max_epochs = _check_run_length(config.trainer)
+    _check_validation(config.trainer, max_epochs, config.optimized_metric)
+    _check_milestones(config.freeze, max_epochs)
+    _check_warmup(config.scheduler, max_epochs)
+    _check_frozen_backbone(config.freeze, config.optim)
     return config
 
 
@@ -149,13 +156,74 @@ def check_trainer(trainer: Mapping[str, Any]) -> None:
             f"trainer.{unknown[0]} is not an argument of lightning.Trainer; see "
             "https://lightning.ai/docs/pytorch/stable/common/trainer.html#trainer-class-api"
         )
+
+
+def _check_run_length(trainer: Mapping[str, Any]) -> int:
+    """A training run has a number of epochs: the schedules and the freeze plan are laid out over it."""
     max_epochs = trainer_arg(trainer, "max_epochs")
-    if max_epochs is not None and (not isinstance(max_epochs, int) or max_epochs < -1):
-        raise ConfigError(f"trainer.max_epochs={max_epochs!r} must be an integer >= 0 (or -1: no limit)")
+    if max_epochs == 0:
+        raise ConfigError(
+            "trainer.max_epochs=0 trains nothing: set it to 1 or more (eval.py evaluates a checkpoint)"
+        )
+    if not isinstance(max_epochs, int) or isinstance(max_epochs, bool) or max_epochs < 1:
+        raise ConfigError(
+            f"trainer.max_epochs={max_epochs!r} must be an integer >= 1: the learning-rate schedule is laid "
+            "out over it (to stop earlier: callbacks=early_stopping, trainer.max_steps or trainer.max_time)"
+        )
+    if trainer_arg(trainer, "limit_train_batches") in (0, 0.0):
+        raise ConfigError("trainer.limit_train_batches=0 trains nothing: leave it unset, or a fraction > 0")
+    return max_epochs
 
 
-def _check_milestones(freeze: s.FreezeConfig, max_epochs: int | None) -> None:
-    if isinstance(freeze, s.GradualUnfreezeConfig) and max_epochs is not None and max_epochs > 0:
+def _check_validation(trainer: Mapping[str, Any], max_epochs: int, metric: str) -> None:
+    """best.ckpt is chosen by a validation metric: the run must validate."""
+    if trainer_arg(trainer, "limit_val_batches") in (0, 0.0):
+        raise ConfigError(
+            f"trainer.limit_val_batches=0 never validates, but best.ckpt is chosen by "
+            f"optimized_metric={metric}: leave it unset, or a fraction > 0"
+        )
+    every = trainer_arg(trainer, "check_val_every_n_epoch")
+    if isinstance(every, int) and every > max_epochs:
+        raise ConfigError(
+            f"trainer.check_val_every_n_epoch={every} is more than trainer.max_epochs={max_epochs}: the run "
+            f"would never validate, and best.ckpt is chosen by optimized_metric={metric}"
+        )
+
+
+def _check_warmup(scheduler: s.SchedulerConfig, max_epochs: int) -> None:
+    """A warning, not an error: a one-epoch smoke test of the default config is legitimate."""
+    if isinstance(scheduler, s.CosineScheduleConfig) and scheduler.warmup_epochs >= max_epochs:
+        log.warning(
+            "scheduler.warmup_epochs=%g is not below trainer.max_epochs=%d: the learning rate only warms "
+            "up, it never reaches its cosine decay",
+            scheduler.warmup_epochs,
+            max_epochs,
+        )
+
+
+def _check_frozen_backbone(freeze: s.FreezeConfig, optim: s.OptimConfig) -> None:
+    """Backbone learning-rate settings with a backbone that never trains would be silently ignored."""
+    never_trains = isinstance(freeze, s.LinearProbeConfig) or (
+        isinstance(freeze, s.PartialFinetuneConfig) and freeze.trainable_blocks == 0
+    )
+    if not never_trains:
+        return
+    defaults = s.OptimConfig.__dataclass_fields__
+    for key in ("backbone_lr_mult", "layer_decay"):
+        if getattr(optim, key) != defaults[key].default:
+            raise ConfigError(
+                f"optim.{key}={getattr(optim, key)} has no effect: freeze={freeze.name} never trains the "
+                f"backbone. Remove it, or choose freeze=full, partial or gradual"
+            )
+    if freeze.bn != type(freeze).__dataclass_fields__["bn"].default:
+        raise ConfigError(
+            f"freeze.bn={freeze.bn} has no effect: it sets batch norm in the stages that train, and "
+            f"freeze={freeze.name} trains none (their batch norm keeps its statistics). Remove it"
+        )
+
+
+def _check_milestones(freeze: s.FreezeConfig, max_epochs: int) -> None:
+    if isinstance(freeze, s.GradualUnfreezeConfig):
         last = freeze.milestones[-1]
         if last >= max_epochs:
             raise ConfigError(

@@ -22,9 +22,40 @@ INTERPOLATIONS = ("nearest", "nearest-exact", "bilinear", "bicubic", "box", "ham
 SPLITS = ("train", "val", "test")
 
 
-def default_mode(metric: str) -> str:
-    """The better direction of a metric we have no mode for: min for a loss, max otherwise."""
-    return "min" if "loss" in metric else "max"
+# The metrics the model logs per stage as `<stage>/<name>` (models/metrics.py builds them from this
+# table) and the better direction of each: what best.ckpt, early stopping, the plateau schedule and
+# sweep tables compare. acc_top5 exists only with more than 5 classes.
+METRIC_DIRECTIONS = {
+    "loss": "min",
+    "acc": "max",
+    "acc_top5": "max",
+    "precision": "max",
+    "recall": "max",
+    "f1": "max",
+}
+MONITORED_STAGE = "val"  # checkpoints and schedules compare validation metrics: each epoch has them
+
+
+def metric_direction(metric: str) -> str:
+    """The better direction of a metric: ours from the table; another (a sweep table's column), min for
+    a loss and max otherwise."""
+    name = metric.rpartition("/")[2]
+    return METRIC_DIRECTIONS.get(name, "min" if "loss" in name else "max")
+
+
+def check_monitored_metric(metric: str, key: str, mode: str | None, mode_key: str) -> None:
+    """`metric` is one the model logs at each validation, and `mode` (if set) is its better direction."""
+    valid = [f"{MONITORED_STAGE}/{name}" for name in METRIC_DIRECTIONS]
+    if metric not in valid:
+        raise ConfigError(
+            f"{key}={metric!r} is not a metric logged at each validation; choose one of: {', '.join(valid)}"
+        )
+    better = metric_direction(metric)
+    if mode is not None and mode != better:
+        raise ConfigError(
+            f"{mode_key}={mode} contradicts {key}={metric}: {'lower' if better == 'min' else 'higher'} is "
+            f"better for it. Leave {mode_key} unset (it follows the metric)"
+        )
 
 
 def check_choice(value: Any, key: str, choices: tuple[str, ...]) -> None:
@@ -239,13 +270,14 @@ class PlateauScheduleConfig(SchedulerConfig):
 
     name: str = "plateau"
     monitor: str = MISSING  # the preset sets ${optimized_metric}
-    mode: str | None = None  # min | max; null = min for a loss, max otherwise
+    mode: str | None = None  # min | max; null = the metric's better direction (min for val/loss)
     factor: float = 0.1
     patience: int = 3  # epochs without improvement before the reduction
 
     def __post_init__(self) -> None:
         if self.mode is not None:
             check_choice(self.mode, "scheduler.mode", ("min", "max"))
+        check_monitored_metric(self.monitor, "scheduler.monitor", self.mode, "scheduler.mode")
         check_range(self.factor, "scheduler.factor", 0.0, 1.0, "[0, 1]")
         check_int(self.patience, "scheduler.patience", 0)
 
@@ -319,8 +351,14 @@ EMPTY_CLASS_POLICIES = ("error", "drop")
 PIL_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb limit (1024 * 1024 * 1024 // 4 // 3)
 
 
+MIN_IMAGE_SIZE = 8  # the digits' own size; below it the antialiased resize itself fails (size 1)
+IMAGE_FOLDER_ONLY = "it applies to data=imagefolder only"
+
+
 @dataclass
 class DataConfig:
+    # keys of the base that this dataset does not read, with why: a value set for one is refused
+    UNREAD: ClassVar[dict[str, str]] = {}
     name: str = MISSING
     root: str | None = None
     classes: Any = None  # keep a subset of classes: names or ids, e.g. [5,6,7,8,9]
@@ -348,8 +386,8 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         check_int(self.batch_size, "data.batch_size", 1)
-        for key in ("shots", "image_size"):
-            check_int(getattr(self, key), f"data.{key}", 1, optional=True)
+        check_int(self.shots, "data.shots", 1, optional=True)
+        check_int(self.image_size, "data.image_size", MIN_IMAGE_SIZE, optional=True)
         check_int(self.max_image_pixels, "data.max_image_pixels", 1)
         if self.num_workers != "auto" and (
             not isinstance(self.num_workers, int)
@@ -375,6 +413,13 @@ class DataConfig:
             check_choice(self.interpolation, "data.interpolation", INTERPOLATIONS)
         self._check_fractions()
         self._check_class_fraction()
+        self._check_unread()
+
+    def _check_unread(self) -> None:
+        defaults = DataConfig.__dataclass_fields__
+        for key, why in self.UNREAD.items():
+            if getattr(self, key) != defaults[key].default:
+                raise ConfigError(f"data.{key}={getattr(self, key)!r} is not read by data={self.name}: {why}")
 
     def _check_fractions(self) -> None:
         val, test = self.val_fraction, self.test_fraction
@@ -401,6 +446,11 @@ class DataConfig:
 class DigitsConfig(DataConfig):
     """scikit-learn's handwritten digits: 1797 real 8x8 grayscale images of 10 classes, shipped offline."""
 
+    UNREAD: ClassVar[dict[str, str]] = {
+        "root": "its images are built in (scikit-learn's digits); for your own images use "
+        "data=imagefolder data.root=<folder>",
+        **dict.fromkeys(("scan", "skip_bad", "empty_classes", "max_image_pixels"), IMAGE_FOLDER_ONLY),
+    }
     name: str = "digits"
     test_fraction: float = 0.2  # fixed stratified train/val/test split (60/20/20) by data.split_seed
     image_size: int | None = 32  # upsampled from 8x8; 224 would only cost time
@@ -414,6 +464,9 @@ class DigitsConfig(DataConfig):
 class Cifar10Config(DataConfig):
     """torchvision's CIFAR-10 (60k 32x32 images, 10 classes) under data.root; downloaded when missing."""
 
+    UNREAD: ClassVar[dict[str, str]] = dict.fromkeys(
+        ("scan", "skip_bad", "empty_classes", "max_image_pixels"), IMAGE_FOLDER_ONLY
+    )
     name: str = "cifar10"
     download: bool = True
     val_fraction: float = 0.1  # held out from the 50k training images, stratified
@@ -562,7 +615,7 @@ class TrainConfig:
     task_name: str = "train"
     seed: int = 42
     optimized_metric: str = "val/acc"  # what best.ckpt is chosen by and what train() returns to sweepers
-    optimized_mode: str = "max"  # max | min: the better direction of optimized_metric
+    optimized_mode: str = "${metric_mode:${optimized_metric}}"  # follows the metric (min for val/loss)
     ckpt_path: str | None = None  # start a new run from this checkpoint's full state
     resume: str | None = None  # a run directory: continue that run (its config, last.ckpt, directory)
     test_after_fit: bool = True  # test the best checkpoint when the data has a test split
@@ -584,6 +637,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_choice(self.optimized_mode, "optimized_mode", ("max", "min"))
+        check_monitored_metric(
+            self.optimized_metric, "optimized_metric", self.optimized_mode, "optimized_mode"
+        )
 
 
 @dataclass
@@ -613,9 +669,7 @@ class SummaryConfig:
 
     sweep_dir: str = MISSING  # a multirun directory, e.g. outputs/multirun/<time>_<id>
     metric: str | None = None  # sort by this metric; null = the sweep's optimized_metric
-    mode: str | None = (
-        None  # max | min: the better direction of `metric`; null = the sweep's, or min for losses
-    )
+    mode: str | None = None  # max | min; null = the metric's better direction (min for a loss)
     out: str | None = None  # where summary.csv and summary.md go; null = the sweep directory
 
     def __post_init__(self) -> None:

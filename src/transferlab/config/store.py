@@ -67,12 +67,14 @@ _RUN_UID = secrets.token_hex(3)  # one per process: two runs started in the same
 
 
 def register_resolvers() -> None:
-    """`${run_uid:}`, `${slurm_or:NAME}`, `${or_else:A,B}`, `${if_set:X,A,B}` (conf/hydra/default.yaml)."""
+    """`${run_uid:}`, `${slurm_or:NAME}`, `${or_else:A,B}`, `${if_set:X,A,B}` (conf/hydra/default.yaml);
+    `${metric_mode:METRIC}` (the default of optimized_mode)."""
     resolvers = {
         "run_uid": lambda: _RUN_UID,
         "slurm_or": lambda name: slurm_run_name() or name,  # a SLURM batch job's name, kept when requeued
         "or_else": lambda value, other: str(value) if value else other,
         "if_set": lambda value, then, other: then if value else other,
+        "metric_mode": s.metric_direction,
     }
     for name, resolver in resolvers.items():
         OmegaConf.register_new_resolver(name, resolver, replace=True)

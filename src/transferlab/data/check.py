@@ -1,7 +1,8 @@
 """What is in the data and what is wrong with it, as a training run would see it (`transferlab check`).
 
 The report lists images per split and class, image sizes and modes, bad files, empty classes and
-classes missing from a split; `check` returns 1 when training would stop on this data, else 0.
+classes missing from a split; `check_data` returns the splits, or None when training would stop on
+this data. (`tools/check.py` then runs the rest of training's checks on them.)
 """
 
 from __future__ import annotations
@@ -78,8 +79,8 @@ def splits_report(splits: DataSplits) -> str:
     return "\n".join(lines)
 
 
-def check(data: DataConfig, seed: int = 0) -> int:
-    """Print the report; 1 when training would stop on this data, else 0."""
+def check_data(data: DataConfig, seed: int = 0) -> DataSplits | None:
+    """Print the report; the splits a training run would use, or None (and why) when it would stop."""
     scan = None
     try:
         if data.name == "imagefolder" and Path(data.root).expanduser().is_dir():
@@ -88,6 +89,6 @@ def check(data: DataConfig, seed: int = 0) -> int:
         splits = build_splits(data, seed=seed, scan=scan)
     except USER_ERRORS as err:
         print(f"Training would stop:\n{err}")
-        return 1
-    print(splits_report(splits) + "\nOK: training would start with this data.")
-    return 0
+        return None
+    print(splits_report(splits))
+    return splits

@@ -26,7 +26,7 @@ from transferlab.config.schema import (
     PlateauScheduleConfig,
     SchedulerConfig,
     StepScheduleConfig,
-    default_mode,
+    metric_direction,
 )
 
 
@@ -132,7 +132,7 @@ def build_scheduler(
     """A Lightning `lr_scheduler` config, or None for a constant learning rate with nothing to gate."""
     if isinstance(cfg, PlateauScheduleConfig):
         # Frozen groups keep their nominal LR here; they get no gradient, so no update either.
-        mode = cfg.mode or default_mode(cfg.monitor)
+        mode = cfg.mode or metric_direction(cfg.monitor)
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, mode=mode, factor=cfg.factor, patience=cfg.patience
         )

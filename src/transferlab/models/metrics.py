@@ -11,16 +11,19 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 
+TOP5_MIN_CLASSES = 5  # top-5 accuracy is logged with more classes than this (with fewer it is always 1)
+
 
 def classification_metrics(num_classes: int) -> MetricCollection:
-    """Per-epoch metrics logged as `<stage>/acc`, `acc_top5` (>5 classes), `precision`, `recall`, `f1`."""
+    """Per-epoch metrics logged as `<stage>/acc`, `acc_top5` (>5 classes), `precision`, `recall`, `f1`:
+    the names of `config.schema.METRIC_DIRECTIONS`, beside `<stage>/loss`."""
     metrics = {
         "acc": MulticlassAccuracy(num_classes, average="micro"),
         "precision": MulticlassPrecision(num_classes, average="macro"),
         "recall": MulticlassRecall(num_classes, average="macro"),
         "f1": MulticlassF1Score(num_classes, average="macro"),
     }
-    if num_classes > 5:
+    if num_classes > TOP5_MIN_CLASSES:
         metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
     return MetricCollection(metrics)
 

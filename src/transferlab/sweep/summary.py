@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from transferlab.config.schema import TrainConfig, default_mode
+from transferlab.config.schema import TrainConfig, metric_direction
 
 METRIC_COLUMNS = ("val/acc", "val/f1", "val/loss", "test/acc", "test/f1", "test/loss")
 
@@ -29,7 +29,6 @@ class Job:
     metrics: dict[str, Any] = field(default_factory=dict)
     error: str = ""
     optimized_metric: str | None = None
-    optimized_mode: str = TrainConfig.optimized_mode
 
 
 def _read_yaml(path: Path) -> Any:
@@ -58,7 +57,6 @@ def read_job(job_dir: Path) -> Job:
         metrics=metrics,
         error=error,
         optimized_metric=config.get("optimized_metric"),
-        optimized_mode=str(config.get("optimized_mode", TrainConfig.optimized_mode)),  # a run's saved config
     )
 
 
@@ -113,13 +111,6 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _default_mode(metric: str, job: Job) -> str:
-    """The sweep's optimized_mode for its optimized metric; for another metric, min for losses, else max."""
-    if metric == job.optimized_metric:
-        return job.optimized_mode
-    return default_mode(metric)
-
-
 def write_summary(
     sweep_dir: Path, metric: str | None = None, out: Path | None = None, mode: str | None = None
 ) -> str:
@@ -131,7 +122,7 @@ def write_summary(
         raise SystemExit(f"Error: {sweep_dir} holds no job directories (folders with .hydra/)")
     first = next((j for j in jobs if j.optimized_metric), jobs[0])
     metric = metric or first.optimized_metric or TrainConfig.optimized_metric
-    mode = mode or _default_mode(metric, first)
+    mode = mode or metric_direction(metric)  # training refuses an optimized_mode that contradicts it
     rows = summary_rows(jobs, metric, maximize=mode == "max")
     out = out or sweep_dir
     out.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,9 @@
 """Check data before training: `transferlab check data=imagefolder data.root=/data/skin` (conf/check.yaml).
 
-Takes train.py's overrides, parses them as training would, scans and splits the data exactly as a
-training run would, prints what is there and what is wrong, and exits with 1 when training would
-stop, else 0.
+Takes train.py's overrides and runs a training run's checks, on the same functions and in the same
+order: the config, the backbone and files, Lightning's trainer arguments, the data (scanned and split
+as training would; the report shows what is there and what is wrong), then the model for those
+classes and input size with its pretrained weights. Exits with 1 when training would stop, else 0.
 """
 
 from __future__ import annotations
@@ -13,18 +14,31 @@ from transferlab.tools.app import hydra_tool
 
 
 def run(cfg: DictConfig) -> None:
-    from transferlab.build import check_run_inputs
+    from transferlab.build import build_datamodule, build_trainer, check_run_inputs
     from transferlab.config import parse_train_config
-    from transferlab.data.check import check
+    from transferlab.data.check import check_data
     from transferlab.errors import USER_ERRORS
+    from transferlab.training import prepare_model
 
-    try:
-        config = parse_train_config(cfg)  # a bad key anywhere would stop training before the data is read
+    try:  # the checks of a training run, in its order, on the same functions: the same verdicts
+        config = parse_train_config(cfg)
         check_run_inputs(config)
+        build_trainer(config.trainer, callbacks=[], loggers=[])
     except USER_ERRORS as err:
         print(f"Error: {err}")
         raise SystemExit(1) from None
-    raise SystemExit(check(config.data, seed=config.seed))
+    splits = check_data(config.data, seed=config.seed)
+    if splits is None:
+        raise SystemExit(1)
+    datamodule = build_datamodule(config.data, config.backbone, config.seed, config.augment)
+    datamodule.splits = splits  # read once, above
+    try:  # the model for these classes and this input size, its pretrained weights, ckpt_path's classes
+        prepare_model(config, datamodule)
+    except USER_ERRORS as err:
+        print(f"Training would stop:\n{err}")
+        raise SystemExit(1) from None
+    print("OK: training would start with this data.")
+    raise SystemExit(0)
 
 
 main = hydra_tool("check")(run)

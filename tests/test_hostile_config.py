@@ -1,0 +1,246 @@
+"""Hostile input, config and launch: every mistake ends in one message naming the key or path, before
+any data is read where it can be; nothing the user owns is written over; no setting is ignored.
+
+Each case is built here on the fly and checks the exact outcome: exit status (in-process runs of the
+real tools), the message's key, no traceback, and files byte-identical afterwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import FAST, ROOT, compose_config, run_tool, validate
+from transferlab.config.schema import METRIC_DIRECTIONS
+from transferlab.errors import ConfigError
+from transferlab.launch import claim_directory
+from transferlab.models.metrics import classification_metrics
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file under `root` (relative path -> sha256 of its bytes), and every folder."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        key = path.relative_to(root).as_posix()
+        out[key] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "<dir>"
+    return out
+
+
+NOWHERE = Path("/nonexistent/run")  # validation writes nothing
+
+
+def refused(overrides: list[str], match: str) -> None:
+    """The config is refused at validation (before data is read) with a message matching `match`."""
+    with pytest.raises(ConfigError, match=match):
+        validate(compose_config([*FAST, *overrides], NOWHERE))
+
+
+# --- keys that nothing would read, and values out of range ------------------------------------------
+
+IGNORED_OR_UNREAD = [
+    (["data.root=/my/images"], r"data.root='/my/images' is not read by data=digits: .*data=imagefolder"),
+    (["data=cifar10", "data.root=/c", "data.scan=full"], r"data.scan='full' is not read by data=cifar10"),
+    (["data=digits", "data.skip_bad=true"], r"data.skip_bad=True is not read by data=digits"),
+    (["+data.batchsize=8"], r"data.batchsize is not a key of data=digits; its keys are: .*batch_size"),
+    (["+optim.lrr=0.1"], r"optim.lrr is not a key of optim=sgd"),
+    (["+seeds=3"], r"seeds is not a key of train.yaml"),
+    (["data.classes=[]"], r"data.classes=\[\] must list at least 2 classes"),
+    (["data.image_size=4"], r"data.image_size=4 must be an integer >= 8"),
+    (["freeze=linear_probe", "optim.backbone_lr_mult=0.1"], r"optim.backbone_lr_mult=0.1 has no effect"),
+    (["freeze=linear_probe", "optim.layer_decay=0.7"], r"optim.layer_decay=0.7 has no effect"),
+    (["freeze=partial", "freeze.trainable_blocks=0", "freeze.bn=train"], r"freeze.bn=train has no effect"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "match"), IGNORED_OR_UNREAD)
+def test_settings_nothing_reads_are_refused(overrides, match):
+    refused(overrides, match)
+
+
+RUN_LENGTH = [
+    (["trainer.max_epochs=0"], r"trainer.max_epochs=0 trains nothing"),
+    (["trainer.max_epochs=-1"], r"trainer.max_epochs=-1 must be an integer >= 1"),
+    (["trainer.max_epochs=null"], r"trainer.max_epochs=None must be an integer >= 1"),
+    (["trainer.limit_train_batches=0"], r"trainer.limit_train_batches=0 trains nothing"),
+    (["trainer.limit_val_batches=0"], r"trainer.limit_val_batches=0 never validates"),
+    (["trainer.check_val_every_n_epoch=5"], r"check_val_every_n_epoch=5 is more than trainer.max_epochs=1"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "match"), RUN_LENGTH)
+def test_runs_that_would_train_or_validate_nothing_are_refused(overrides, match):
+    refused(overrides, match)
+
+
+# --- metrics: names the model logs, and their better direction ---------------------------------------
+
+
+def test_the_metric_table_is_what_the_model_logs():
+    logged = set(classification_metrics(10)) | {"loss"}
+    assert logged == set(METRIC_DIRECTIONS)
+
+
+def test_optimized_mode_follows_the_metric_and_a_contradiction_is_refused():
+    for metric, mode in (("val/loss", "min"), ("val/acc", "max"), ("val/f1", "max")):
+        cfg = compose_config([*FAST, f"optimized_metric={metric}"], NOWHERE)
+        assert validate(cfg).optimized_mode == mode
+        assert cfg.callbacks.model_checkpoint.mode == mode  # what best.ckpt is chosen by
+    refused(["optimized_metric=val/loss", "optimized_mode=max"], r"optimized_mode=max contradicts .*lower")
+    refused(["optimized_metric=val/acc", "optimized_mode=min"], r"optimized_mode=min contradicts .*higher")
+    refused(
+        ["optimized_metric=val/acc1"], r"optimized_metric='val/acc1' is not a metric .*: val/loss, val/acc"
+    )
+    refused(["optimized_metric=test/acc"], r"optimized_metric='test/acc' is not a metric logged at each val")
+    refused(
+        ["scheduler=plateau", "optimized_metric=val/loss", "scheduler.mode=max"],
+        r"scheduler.mode=max contradicts scheduler.monitor=val/loss",
+    )
+    cfg = compose_config(
+        [*FAST, "hparams_search=optuna", "optimized_metric=val/loss"], NOWHERE, with_hydra=True
+    )
+    assert cfg.hydra.sweeper.direction == "minimize"
+
+
+# --- in-process runs of the tools: the exit status and the one message ------------------------------
+
+
+def run(tool: str, overrides: list[str], capsys) -> tuple[int, str]:
+    status = run_tool(tool, *overrides)
+    captured = capsys.readouterr()
+    text = captured.out + captured.err
+    assert "Traceback" not in text
+    return status, text
+
+
+def test_errors_found_once_data_and_model_exist_stop_before_training(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    cases = [  # (overrides, message); each stops before a training step
+        (["trainer.accelerator=gpu"], "trainer: No supported gpu backend found"),
+        (["trainer.devices=abc"], "trainer.devices='abc' is not valid"),
+        (["data.classes=[0,1,2]", "optimized_metric=val/acc_top5"], "logged only with more than 5 classes"),
+    ]
+    for i, (overrides, message) in enumerate(cases):
+        status, text = run("train", [*FAST, *overrides, f"hydra.run.dir={run_dir}{i}"], capsys)
+        assert status == 2 and message in text
+        assert not (Path(f"{run_dir}{i}") / "checkpoints").exists()
+
+
+def test_an_input_size_the_backbone_cannot_take_is_refused(capsys):
+    pytest.importorskip("timm")
+    overrides = ["backbone=timm", "backbone.name=vit_tiny_patch16_224", "data.image_size=32"]
+    status, text = run("check", [*FAST, *overrides], capsys)
+    assert status == 1
+    assert "data.image_size=32 does not fit backbone vit_tiny_patch16_224" in text
+
+
+def test_check_and_train_give_the_same_verdict(tmp_path, capsys):
+    """Pretrained weights that are not cached offline: the data is fine, training would still stop."""
+    check_status, check_text = run("check", ["data.classes=[0,1]"], capsys)
+    train_status, train_text = run("train", ["data.classes=[0,1]", f"hydra.run.dir={tmp_path}/r"], capsys)
+    assert (check_status, train_status) == (1, 2)
+    reason = "resnet18 weights IMAGENET1K_V1 are not cached and TRANSFERLAB_OFFLINE=1"
+    assert reason in check_text and reason in train_text
+    status, text = run("check", [*FAST, "data.classes=[0,1]"], capsys)  # random init: nothing to load
+    assert status == 0 and "OK: training would start" in text
+
+
+def test_sweep_settings_without_multirun_are_refused(tmp_path, capsys):
+    for overrides, message in (
+        (["hparams_search=optuna"], "hparams_search=optuna runs a sweep: add -m"),
+        (["hydra/launcher=slurm"], "hydra/launcher=slurm launches the jobs of a sweep: add -m"),
+    ):
+        status, text = run("train", [*FAST, *overrides, f"paths.output_root={tmp_path}"], capsys)
+        assert status == 1 and message in text
+    assert list(tmp_path.iterdir()) == []  # refused before any directory was made
+
+
+# --- run directories: never the user's, one run each ---------------------------------------------------
+
+
+def test_a_folder_that_is_not_new_is_never_written_into(tmp_path, capsys):
+    user = tmp_path / "mine"
+    (user / "splits").mkdir(parents=True)
+    (user / "splits" / "train.txt").write_text("my own list\n")
+    (tmp_path / "a_file").write_text("not a folder")
+    before = snapshot(tmp_path)
+    for run_dir, message in (
+        (user, "already exists and is not empty (it holds 'splits')"),
+        (tmp_path / "a_file", "is a file, not a directory"),
+        (tmp_path / "a_file" / "run", "cannot create the output directory"),
+    ):
+        status, text = run("train", [*FAST, f"hydra.run.dir={run_dir}"], capsys)
+        assert status == 1 and text.startswith("Error: hydra.run.dir: ")
+        assert message in text and str(run_dir) in text
+    sweep = ["-m", *FAST, f"hydra.sweep.dir={user}", "seed=1,2"]
+    status, text = run("train", sweep, capsys)
+    assert status == 1 and "hydra.sweep.dir" in text and "is not empty" in text
+    assert snapshot(tmp_path) == before
+
+
+def test_an_uncreatable_output_root_is_one_message(tmp_path, capsys):
+    blocker = tmp_path / "outputs"
+    blocker.write_text("a file where the output folder would be")
+    status, text = run("train", [*FAST, f"paths.output_root={blocker}"], capsys)
+    assert status == 1 and f"cannot create the output directory {blocker}" in text
+    assert "Choose a writable paths.output_root" in text
+
+
+def _claim(directory: str, barrier, results) -> None:
+    barrier.wait()  # all processes try at the same moment
+    try:
+        claim_directory(directory, marker=".hydra")
+        results.put("claimed")
+    except ConfigError as error:
+        results.put(str(error))
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="fork")
+def test_two_runs_started_together_on_one_directory_never_share_it():
+    """The guard's claim, raced by processes started at the same instant, 40 times: always one winner."""
+    context = multiprocessing.get_context("fork")
+    with tempfile.TemporaryDirectory() as tmp:
+        for attempt in range(40):
+            directory = os.path.join(tmp, str(attempt))
+            if attempt % 2:  # an empty folder made beforehand is claimed the same way
+                os.mkdir(directory)
+            barrier, results = context.Barrier(3), context.Queue()
+            workers = [context.Process(target=_claim, args=(directory, barrier, results)) for _ in range(3)]
+            for worker in workers:
+                worker.start()
+            outcomes = sorted(results.get(timeout=30) for _ in workers)
+            for worker in workers:
+                worker.join()
+            assert outcomes.count("claimed") == 1, outcomes
+            assert all("claimed by another run" in o or "not empty" in o for o in outcomes if o != "claimed")
+
+
+def test_two_real_runs_on_one_directory(tmp_path):
+    """Two `transferlab train` processes, started together with the same hydra.run.dir: one is refused
+    before writing anything; the other runs (here it stops on its own config error, after the claim)."""
+    import subprocess
+
+    run_dir = tmp_path / "shared"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TRANSFERLAB_OFFLINE": "1"}
+    command = [
+        sys.executable,
+        "-m",
+        "transferlab.tools.train",
+        f"hydra.run.dir={run_dir}",
+        "trainer.max_epochs=0",
+    ]
+    procs = [
+        subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(2)
+    ]
+    outputs = [(proc.wait(timeout=120), proc.stdout.read()) for proc in procs]
+    statuses = sorted(status for status, _ in outputs)
+    assert statuses == [1, 2], outputs  # 1: refused by the guard; 2: the winner's config error
+    loser = next(text for status, text in outputs if status == 1)
+    assert "hydra.run.dir" in loser and "Traceback" not in loser
+    assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", "error.txt", "train.log"]
