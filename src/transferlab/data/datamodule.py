@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -13,11 +14,18 @@ from torch.utils.data import DataLoader, RandomSampler
 
 from transferlab.config.schema import SPLITS, AugmentConfig, DataConfig
 from transferlab.data.augment import MixingCollate, batch_mixer, train_transform
-from transferlab.data.datasets import DataSplits, Split, SplitDataset, build_splits, prepare_cifar10
+from transferlab.data.datasets import (
+    DataSplits,
+    Split,
+    SplitDataset,
+    build_splits,
+    prepare_cifar10,
+    split_lines,
+)
 from transferlab.data.imbalance import balanced_sampler, class_weights
 from transferlab.data.loaders import exact_eval_loader
 from transferlab.data.transforms import Preprocessing, eval_transform
-from transferlab.errors import ConfigError
+from transferlab.errors import ConfigError, DataError
 from transferlab.files import write_json
 from transferlab.runtime import usable_cpu_count
 
@@ -32,6 +40,20 @@ def resolve_num_workers(value: int | str, processes: int = 1) -> int:
     return int(value)
 
 
+def _check_same_lists(folder: Path, lists: dict[str, str], origin: str) -> None:
+    """A run directory that already holds split lists (a resumed or requeued run) must get the same
+    lists: other ones mean the data changed since the run started, and training on would mix its
+    earlier test or validation images into training (and its reports would no longer match)."""
+    for name, text in lists.items():
+        stored = folder / f"{name}.txt"
+        if stored.is_file() and stored.read_text() != text:
+            raise DataError(
+                f"{stored} differs from the {name} split of {origin} made now: the data changed since this "
+                "run started, so continuing it would mix images of its splits. Restore the data as it was "
+                "when the run started, or start a new run."
+            )
+
+
 class TransferDataModule(L.LightningDataModule):
     def __init__(
         self,
@@ -39,7 +61,9 @@ class TransferDataModule(L.LightningDataModule):
         preprocessing: Preprocessing,
         seed: int = 0,
         augment: AugmentConfig | None = None,
+        splits: DataSplits | None = None,
     ) -> None:
+        """`splits`: splits already made (eval.py: a run's stored lists) instead of building them from `data`."""
         super().__init__()
         self.cfg, self.preprocessing, self.seed, self.augment = data, preprocessing, seed, augment
         # stored in our checkpoints (plain types): eval.py rebuilds the same data from them
@@ -53,7 +77,9 @@ class TransferDataModule(L.LightningDataModule):
         )
         self.batch_size = data.batch_size
         self.imbalance = data.imbalance
-        self.splits: DataSplits | None = None
+        self.splits: DataSplits | None = splits
+        self._set_up = False
+        self._fingerprints: dict[str, str] | None = None
 
     @property
     def class_names(self) -> list[str]:
@@ -69,9 +95,11 @@ class TransferDataModule(L.LightningDataModule):
             prepare_cifar10(self.cfg.root, self.cfg.download)
 
     def setup(self, stage: str | None = None) -> None:
-        if self.splits is not None:
+        if self._set_up:
             return
-        self.splits = build_splits(self.cfg, seed=self.seed)
+        if self.splits is None:
+            self.splits = build_splits(self.cfg, seed=self.seed)
+        self._set_up = True
         for name, counts in self.class_counts().items():
             per_class = ", ".join(f"{c}={n}" for c, n in counts.items())
             log.info("%s: %d images (%s)", name, sum(counts.values()), per_class)
@@ -101,19 +129,14 @@ class TransferDataModule(L.LightningDataModule):
         and bad_files.txt when bad files were skipped. Rank 0 only: the files are the same on every rank."""
         self.setup()
         folder = Path(run_dir) / "splits"
-        folder.mkdir(parents=True, exist_ok=True)
         names = self.splits.class_names
+        lists = {name: self.split_file_text(name) for name in SPLITS if self.has_split(name)}
+        _check_same_lists(folder, lists, self.splits.origin)
+        folder.mkdir(parents=True, exist_ok=True)
         sources = {}
-        for name in SPLITS:
-            split = getattr(self.splits, name)
-            if split is None:
-                continue
-            lines = [
-                f"{split.source.key(i)}\t{names[label]}\n"
-                for i, label in zip(split.indices, split.labels(), strict=True)
-            ]
-            (folder / f"{name}.txt").write_text("".join(lines))
-            sources[name] = getattr(split.source, "name", self.splits.origin)
+        for name, text in lists.items():
+            (folder / f"{name}.txt").write_text(text)
+            sources[name] = getattr(self._split(name).source, "name", self.splits.origin)
         write_json(
             folder / "summary.json",
             {
@@ -129,6 +152,23 @@ class TransferDataModule(L.LightningDataModule):
         if self.splits.skipped:
             lines = [f"{f.path}\t{f.problem}\n" for f in self.splits.skipped]
             (Path(run_dir) / "bad_files.txt").write_text("".join(lines))
+
+    def split_file_text(self, name: str) -> str:
+        """splits/<name>.txt: one '<key>\\t<class>' line per image of the split."""
+        return "".join(f"{line}\n" for line in split_lines(self._split(name), self.class_names))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Kept in every checkpoint (Lightning stores it under this class's name): each split's
+        fingerprint, so that eval.py can prove that a re-split of the data is this run's split."""
+        if self.splits is None:
+            return {}
+        if self._fingerprints is None:  # computed once: a checkpoint is saved every epoch
+            self._fingerprints = self.splits.fingerprints()
+        return {"split_fingerprints": self._fingerprints}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Nothing to restore: the splits are rebuilt from the config (write_run_files checks a resumed
+        run's splits against the lists it wrote when it started)."""
 
     def _pin_memory(self) -> bool:
         trainer = getattr(self, "trainer", None)

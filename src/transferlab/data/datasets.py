@@ -6,14 +6,20 @@ remaps their labels to 0..K-1, keeps N training images per class (`data.shots`),
 fraction of their training images (`data.class_fraction`) and checks that every split holds every
 class. Image folders are scanned first (`scan.py`); bad files stop the build here, before training,
 unless `data.skip_bad=true`.
+
+A training run writes each split's list (`split_lines`, splits/<split>.txt) and its checkpoints keep
+each split's `fingerprint`; `stored_split` reads a list back, so that eval.py tests a checkpoint on
+exactly the images of its run's split, never on a re-split of a folder that has changed since.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import pickle
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,9 +32,9 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.datasets import CIFAR10
 
-from transferlab.config.schema import PIL_MAX_PIXELS, DataConfig
+from transferlab.config.schema import PIL_MAX_PIXELS, SPLITS, DataConfig
 from transferlab.data.images import IMAGE_EXTENSIONS, ImageCheck, load_rgb
-from transferlab.data.scan import FolderScan, scan_image_folder
+from transferlab.data.scan import FolderScan, check_images, scan_image_folder
 from transferlab.downloads import socket_timeout
 from transferlab.errors import ConfigError, DataError
 
@@ -119,6 +125,30 @@ class DataSplits:
                 per_class = np.bincount(split.labels(), minlength=len(self.class_names))
                 counts[name] = dict(zip(self.class_names, per_class.tolist(), strict=True))
         return counts
+
+    def fingerprints(self) -> dict[str, str]:
+        """Each split's `fingerprint`: checkpoints keep them, so that a re-split can be proven the run's."""
+        return {
+            name: fingerprint(split_lines(split, self.class_names))
+            for name in SPLITS
+            if (split := getattr(self, name)) is not None
+        }
+
+
+def split_lines(split: Split, class_names: list[str]) -> list[str]:
+    """A run's splits/<split>.txt: one '<key>\\t<class>' line per image (the key: `ImageSource.key`)."""
+    return [
+        f"{split.source.key(i)}\t{class_names[label]}"
+        for i, label in zip(split.indices, split.labels(), strict=True)
+    ]
+
+
+def fingerprint(lines: Iterable[str]) -> str:
+    """sha256 of a split's sorted lines: the same images with the same classes give the same value."""
+    digest = hashlib.sha256()
+    for line in sorted(lines):
+        digest.update(line.encode() + b"\n")
+    return digest.hexdigest()
 
 
 class SplitDataset(Dataset):
@@ -335,6 +365,59 @@ def _imagefolder(cfg: DataConfig, scan: FolderScan | None = None) -> DataSplits:
 _BUILDERS = {"digits": _digits, "cifar10": _cifar10}
 
 
+def read_split_file(path: Path) -> list[str]:
+    """The lines of a run's splits/<split>.txt, each checked to be '<path under data.root>\\t<class>'."""
+    lines = path.read_text().splitlines()
+    for number, line in enumerate(lines, 1):
+        key = line.rsplit("\t", 1)[0]
+        if "\t" not in line or Path(key).is_absolute() or ".." in Path(key).parts:
+            raise DataError(
+                f"{path}, line {number}: {line!r} is not '<path relative to data.root>\\t<class>'. "
+                "Use the splits/ folder that the training run wrote, unchanged."
+            )
+    return lines
+
+
+@dataclass
+class StoredSplit:
+    """A split read back from a run's list: the images still usable under data.root, and those not."""
+
+    split: Split
+    unusable: list[ImageCheck]  # listed files now missing or unreadable, each with its problem
+    listed: int  # images the list holds
+
+
+def stored_split(
+    lines: list[str], cfg: DataConfig, class_names: list[str], check: bool = True
+) -> StoredSplit:
+    """The images of `lines` (`read_split_file`) under data.root, labelled by their place in `class_names`
+    (the checkpoint's). `check`: each file is checked like the scan does (`data.scan` mode); a file gone
+    from the folder is reported as missing. Deciding what unusable files mean is the caller's."""
+    root = _imagefolder_root(cfg)
+    paths, targets = [], []
+    for line in lines:
+        key, name = line.rsplit("\t", 1)
+        if name not in class_names:
+            raise DataError(
+                f"a split list names class {name!r} ({key}), which is not among the checkpoint's classes "
+                f"{class_names}: the list is another run's. Use the splits/ folder of the checkpoint's run."
+            )
+        paths.append(root / key)
+        targets.append(class_names.index(name))
+    source = FileSource(paths, targets, root, cfg.max_image_pixels)
+    checks = check_images(paths, full=cfg.scan == "full", max_pixels=cfg.max_image_pixels) if check else []
+    unusable = [_as_missing(c) for c in checks if c.problem is not None]
+    usable = [i for i, c in enumerate(checks) if c.problem is None] if check else list(range(len(paths)))
+    return StoredSplit(Split(source, usable), unusable, len(paths))
+
+
+def _as_missing(result: ImageCheck) -> ImageCheck:
+    """A file that is no longer there says so plainly (the check calls it 'cannot be opened')."""
+    if os.path.lexists(result.path):
+        return result
+    return ImageCheck(result.path, problem="no longer in the folder")
+
+
 def _class_id(item: Any, class_names: list[str], key: str) -> int:
     """A class given by name or integer id, as its source label id."""
     if str(item) in class_names:
@@ -390,13 +473,18 @@ def _cut_classes(
     return Split(split.source, [i for i in split.indices if i not in dropped], split.label_map)
 
 
+def classes_without_images(split: Split, class_names: list[str]) -> list[str]:
+    """The classes of `class_names` that the split holds no image of."""
+    counts = Counter(split.labels().tolist())
+    return [name for label, name in enumerate(class_names) if counts[label] == 0]
+
+
 def _check_coverage(split: Split | None, split_name: str, class_names: list[str], origin: str) -> None:
     if split is None:
         return
     if len(split) == 0:
         raise DataError(f"the {split_name} split of {origin} has no images")
-    counts = Counter(split.labels().tolist())
-    missing = [name for label, name in enumerate(class_names) if counts[label] == 0]
+    missing = classes_without_images(split, class_names)
     if missing:
         raise DataError(
             f"class(es) {', '.join(missing)} have no images in the {split_name} split of {origin}. Every "
