@@ -41,7 +41,7 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert "Loaded backbone weights from" not in capsys.readouterr().out  # the console shows the demo only
     capsys.readouterr()
     assert run_tool("demo", f"out={out}", overrides) != 0
-    assert "already holds demo runs" in capsys.readouterr().err
+    assert "already exists and is not empty" in capsys.readouterr().err
 
 
 def test_demo_methods_are_the_schemas_choices():

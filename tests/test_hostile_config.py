@@ -52,6 +52,8 @@ IGNORED_OR_UNREAD = [
     (["+seeds=3"], r"seeds is not a key of train.yaml"),
     (["data.classes=[]"], r"data.classes=\[\] must list at least 2 classes"),
     (["data.image_size=4"], r"data.image_size=4 must be an integer >= 8"),
+    (["seed=-1"], r"seed=-1 must be an integer >= 0"),
+    (["data.split_seed=4294967296"], r"data.split_seed=4294967296 must be at most 4294967295"),
     (["freeze=linear_probe", "optim.backbone_lr_mult=0.1"], r"optim.backbone_lr_mult=0.1 has no effect"),
     (["freeze=linear_probe", "optim.layer_decay=0.7"], r"optim.layer_decay=0.7 has no effect"),
     (["freeze=partial", "freeze.trainable_blocks=0", "freeze.bn=train"], r"freeze.bn=train has no effect"),

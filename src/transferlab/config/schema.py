@@ -70,6 +70,15 @@ def check_int(value: Any, key: str, minimum: int, optional: bool = False) -> Non
         raise ConfigError(f"{key}={value!r} must be an integer >= {minimum}")
 
 
+MAX_SEED = 2**32 - 1  # numpy's and scikit-learn's seeds; Lightning picks a random one outside it
+
+
+def check_seed(value: Any, key: str, optional: bool = False) -> None:
+    check_int(value, key, 0, optional)
+    if value is not None and value > MAX_SEED:
+        raise ConfigError(f"{key}={value} must be at most {MAX_SEED}")
+
+
 def check_range(value: float | None, key: str, low: float, high: float, text: str) -> None:
     """`text` states the range as the user reads it, e.g. '(0, 1]'; low and high are inclusive."""
     if value is not None and not low <= value <= high:
@@ -387,6 +396,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         check_int(self.batch_size, "data.batch_size", 1)
         check_int(self.shots, "data.shots", 1, optional=True)
+        check_seed(self.split_seed, "data.split_seed")
+        check_seed(self.shots_seed, "data.shots_seed", optional=True)
         check_int(self.image_size, "data.image_size", MIN_IMAGE_SIZE, optional=True)
         check_int(self.max_image_pixels, "data.max_image_pixels", 1)
         if self.num_workers != "auto" and (
@@ -636,6 +647,7 @@ class TrainConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
 
     def __post_init__(self) -> None:
+        check_seed(self.seed, "seed")
         check_choice(self.optimized_mode, "optimized_mode", ("max", "min"))
         check_monitored_metric(
             self.optimized_metric, "optimized_metric", self.optimized_mode, "optimized_mode"
@@ -657,6 +669,7 @@ class EvalConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
 
     def __post_init__(self) -> None:
+        check_seed(self.seed, "seed")
         check_choice(self.split, "split", SPLITS)
 
 

@@ -15,6 +15,7 @@ import logging
 import shlex
 import statistics
 import sys
+import tempfile
 import time
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
@@ -23,7 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from transferlab.config.parse import build
 from transferlab.config.schema import DemoConfig
-from transferlab.launch import find_earlier_run
+from transferlab.errors import ConfigError
+from transferlab.launch import claim_directory
 from transferlab.tools.app import hydra_tool, run_in_process
 
 WEIGHTS = "backbone.weights={pretrained}"  # the step-1 checkpoint
@@ -73,12 +75,19 @@ def run_train(run_dir: Path, experiment: str, overrides: list[str]) -> dict:
     print(f"$ transferlab train {' '.join(args)}", flush=True)
     start = time.monotonic()
     log_file = run_dir / "train.log"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    # what the run prints (Lightning's model summary, warnings) joins its log, as a process's output would
-    with open(log_file, "a") as output, redirect_stdout(output), redirect_stderr(output):
-        status = run_in_process("train", [*args, "hydra/job_logging=file_only"])
+    # what the run prints (Lightning's model summary, warnings) joins its log afterwards: the run
+    # directory must be new when the run claims it
+    with tempfile.TemporaryFile("w+") as output:
+        with redirect_stdout(output), redirect_stderr(output):
+            status = run_in_process("train", [*args, "hydra/job_logging=file_only"])
+        output.seek(0)
+        printed = output.read()
+    if log_file.is_file():
+        with open(log_file, "a") as log:
+            log.write("--- printed by the run ---\n" + printed)
     if status != 0:
-        tail = "".join(log_file.read_text().splitlines(keepends=True)[-25:]) if log_file.is_file() else ""
+        text = log_file.read_text() if log_file.is_file() else printed
+        tail = "".join(text.splitlines(keepends=True)[-25:])
         raise SystemExit(f"demo step failed (exit {status}); last lines of {log_file}:\n{tail}")
     metrics = json.loads((run_dir / "metrics.json").read_text())
     print(f"  done in {time.monotonic() - start:.0f}s: test/acc={metrics['test/acc']:.3f}", flush=True)
@@ -107,8 +116,10 @@ def summarise(results: dict[str, list[dict]]) -> str:
 def run(cfg: DictConfig) -> None:
     config = build(DemoConfig, OmegaConf.to_container(cfg, resolve=True), "", "demo.yaml")
     out = Path(config.out) if config.out else Path("outputs") / "demo" / time.strftime("%Y-%m-%d_%H-%M-%S")
-    if out.exists() and any(find_earlier_run(d) for d in out.iterdir() if d.is_dir()):
-        raise SystemExit(f"Error: {out} already holds demo runs; choose another out=")
+    try:  # a new or empty folder only: the demo's runs and results.md never land among other files
+        claim_directory(out, marker="results.md")
+    except ConfigError as error:
+        raise SystemExit(f"Error: out: {error}") from None
     logging.captureWarnings(True)  # library warnings of the runs go to their logs, not the console
     try:
         run_demo(config, out)
