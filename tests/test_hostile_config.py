@@ -204,15 +204,15 @@ def _claim(directory: str, barrier, results) -> None:
 
 @pytest.mark.skipif(sys.platform == "win32", reason="fork")
 def test_two_runs_started_together_on_one_directory_never_share_it():
-    """The guard's claim, raced by processes started at the same instant, 40 times: always one winner."""
+    """The guard's claim, raced by processes started at the same instant, 25 times: always one winner."""
     context = multiprocessing.get_context("fork")
     with tempfile.TemporaryDirectory() as tmp:
-        for attempt in range(40):
+        for attempt in range(25):
             directory = os.path.join(tmp, str(attempt))
             if attempt % 2:  # an empty folder made beforehand is claimed the same way
                 os.mkdir(directory)
-            barrier, results = context.Barrier(3), context.Queue()
-            workers = [context.Process(target=_claim, args=(directory, barrier, results)) for _ in range(3)]
+            barrier, results = context.Barrier(2), context.Queue()
+            workers = [context.Process(target=_claim, args=(directory, barrier, results)) for _ in range(2)]
             for worker in workers:
                 worker.start()
             outcomes = sorted(results.get(timeout=30) for _ in workers)
@@ -246,3 +246,31 @@ def test_two_real_runs_on_one_directory(tmp_path):
     loser = next(text for status, text in outputs if status == 1)
     assert "hydra.run.dir" in loser and "Traceback" not in loser
     assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", "error.txt", "train.log"]
+
+
+def test_a_fraction_the_folder_makes_moot_is_refused(tmp_path, capsys):
+    from tests.conftest import write_image_folder
+
+    write_image_folder(tmp_path, {"train": {"a": 4, "b": 4}, "val": {"a": 2, "b": 2}})
+    data = ["data=imagefolder", f"data.root={tmp_path}"]
+    status, text = run("check", [*FAST, *data, "data.val_fraction=0.3"], capsys)
+    assert (
+        status == 1 and f"data.val_fraction=0.3 is not used: {tmp_path / 'val'} holds the val images" in text
+    )
+    status, text = run("check", [*FAST, *data, "data.test_fraction=0.2"], capsys)
+    assert status == 0  # no test/: the share is held out from train
+
+
+def test_outputs_keep_the_users_umask(tmp_path):
+    from transferlab.files import write_json
+
+    previous = os.umask(0o027)
+    try:
+        claim_directory(tmp_path / "run", marker=".hydra")
+        write_json(
+            tmp_path / "run" / "metrics.json", {"val/acc": 1.0}
+        )  # checkpoints are written the same way
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "run" / "metrics.json").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "run" / ".hydra").stat().st_mode & 0o777 == 0o750

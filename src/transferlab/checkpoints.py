@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -12,26 +14,103 @@ import torch
 
 from transferlab.errors import ConfigError, DataError
 
+_ZIP_MAGIC = b"PK"  # torch.save's format since torch 1.6 (Lightning's checkpoints)
+_PICKLE_MAGIC = b"\x80"  # torch.save's legacy format: a pickle (protocol 2 and up)
+
 
 def read_checkpoint(path: str | Path, trust: bool = False) -> dict[str, Any]:
-    """The checkpoint dict, loaded with `weights_only=True` unless the user trusts the file."""
+    """The checkpoint dict, loaded with `weights_only=True` unless the user trusts the file. Anything
+    else is a ConfigError that says what the file is: missing, a directory, empty, not a PyTorch file,
+    truncated, damaged, a torch file that is not our checkpoint, or one that needs full unpickling."""
     file = Path(path).expanduser()
-    if not file.is_file():
-        raise ConfigError(f"ckpt_path={file}: no such file")
+    _check_is_file(file)
     try:
         checkpoint = torch.load(file, map_location="cpu", weights_only=not trust)
+    except OSError as err:
+        raise ConfigError(f"ckpt_path={file} cannot be read ({err.strerror or err})") from err
     except Exception as err:
-        hint = (
-            ""
-            if trust
-            else " If you trust this file, add trust_checkpoint=true to load it with full unpickling."
-        )
-        raise ConfigError(f"ckpt_path={file}: cannot be read ({err}).{hint}") from err
-    if "hyper_parameters" not in checkpoint or "class_names" not in checkpoint["hyper_parameters"]:
-        raise ConfigError(
-            f"ckpt_path={file} is not a transferlab checkpoint (no class names in its hyper_parameters)"
-        )
+        raise ConfigError(f"ckpt_path={file} {_why_unreadable(file, err, trust)}") from err
+    _check_is_ours(file, checkpoint)
     return checkpoint
+
+
+def _check_is_file(file: Path) -> None:
+    if file.is_dir():
+        found = sorted(p.name for p in (file / "checkpoints").glob("*.ckpt"))
+        hint = f" (a run directory: give one of its checkpoints/, {', '.join(found)})" if found else ""
+        raise ConfigError(f"ckpt_path={file} is a directory, not a checkpoint file{hint}")
+    if not file.exists():
+        raise ConfigError(f"ckpt_path={file}: no such file")
+    if not file.is_file():
+        raise ConfigError(f"ckpt_path={file} is not a regular file")
+    if file.stat().st_size == 0:
+        raise ConfigError(
+            f"ckpt_path={file} is empty (0 bytes): its save or copy never wrote it; use another checkpoint"
+        )
+
+
+def _why_unreadable(file: Path, err: Exception, trust: bool) -> str:
+    """What torch.load's failure means for this file, judged by its format (torch's messages do not
+    say: random bytes and a checkpoint holding a class not on torch's allow-list fail alike)."""
+    with file.open("rb") as f:
+        head = f.read(8)
+    truncated = "is truncated (it ends early: a save or copy that did not finish); use another checkpoint"
+    if head.startswith(_ZIP_MAGIC):
+        if not zipfile.is_zipfile(file):  # the zip directory, written last, is missing
+            return truncated
+        with zipfile.ZipFile(file) as archive:
+            if not any(name.endswith("/data.pkl") for name in archive.namelist()):
+                return "is a zip archive, not a PyTorch checkpoint"
+        unsafe = [] if trust else _unsafe_globals(file)
+    elif head.startswith(_PICKLE_MAGIC):
+        if isinstance(err, EOFError):
+            return truncated
+        unsafe = [] if trust else _UNSAFE_GLOBAL.findall(str(err))
+    else:
+        return f"is not a PyTorch file (not what torch.save writes; it starts with {head!r})"
+    if unsafe:
+        return (
+            f"holds {', '.join(unsafe)}, which loading safely (weights_only) does not unpickle. "
+            "If you trust this file, add trust_checkpoint=true to load it with full unpickling."
+        )
+    if trust:  # e.g. a class that is not importable here
+        return f"cannot be loaded, even with full unpickling ({type(err).__name__}: {_first_line(err)})"
+    return f"is damaged: it cannot be read ({type(err).__name__}: {_first_line(err)})"
+
+
+_UNSAFE_GLOBAL = re.compile(r"GLOBAL (\S+) was not an allowed global")  # torch.load's message
+
+
+def _unsafe_globals(file: Path) -> list[str]:
+    """The classes and functions a checkpoint needs unpickled beyond torch's weights_only allow-list."""
+    try:
+        return sorted(torch.serialization.get_unsafe_globals_in_checkpoint(file))
+    except Exception:  # a TorchScript archive, a damaged pickle: not a matter of trust
+        return []
+
+
+def _check_is_ours(file: Path, checkpoint: Any) -> None:
+    """A torch file that is not our Lightning checkpoint: say what it is instead."""
+    if not isinstance(checkpoint, dict):
+        raise ConfigError(f"ckpt_path={file} holds a {type(checkpoint).__name__}, not a checkpoint")
+    if "state_dict" not in checkpoint:
+        if checkpoint and all(isinstance(value, torch.Tensor) for value in checkpoint.values()):
+            raise ConfigError(
+                f"ckpt_path={file} is a plain state_dict (weights only), not a checkpoint of a run; "
+                "backbone weights are given as backbone.weights=<file>"
+            )
+        raise ConfigError(f"ckpt_path={file} is not a Lightning checkpoint (it has no state_dict)")
+    hparams = checkpoint.get("hyper_parameters")
+    if not isinstance(hparams, dict) or "class_names" not in hparams:
+        raise ConfigError(
+            f"ckpt_path={file} is a Lightning checkpoint of another model, not of transferlab "
+            "(no class names in its hyper_parameters)"
+        )
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else "no message"
 
 
 def check_checkpoint_classes(checkpoint: dict[str, Any], path: str | Path, class_names: list[str]) -> None:

@@ -2,7 +2,12 @@
 
 Checkpoints (`AtomicCheckpointIO`, Lightning's checkpoint plugin in conf/trainer/default.yaml) and
 JSON reports (`write_json`) both go through `atomic_write`: a temporary file in the target's folder,
-fsync, rename over the target, fsync of the folder.
+fsync, rename over the target, fsync of the folder. A write the machine refuses (a full disk, a file-size
+limit) is a `ResourceError` naming the file and the cause.
+
+A failed run's traceback goes to error.txt in its directory (`save_traceback`); a continued run keeps an
+earlier attempt's error.txt and metrics.json under other names (`keep_earlier`), so that neither is taken
+for the outcome of this attempt.
 """
 
 from __future__ import annotations
@@ -10,6 +15,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -17,24 +24,42 @@ from typing import IO, Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from transferlab.errors import environment_cause, resource_error
+
+ERROR_FILE = "error.txt"  # a failed run's traceback (sweep summaries list the run as failed)
+METRICS_FILE = "metrics.json"  # a finished run's metrics (sweep summaries list the run as ok)
+
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
     """Call `write(file)` on a temporary file, then rename it over `path`; on any failure the previous
-    file at `path` is left as it was and the temporary file is removed."""
+    file at `path` is left as it was and the temporary file is removed. ResourceError when the machine
+    refuses the write (ENOSPC, EFBIG, ...: `errors.ENVIRONMENT_ERRNOS`)."""
     path = Path(path)
+    existed = path.exists()
+    try:
+        _write_and_rename(path, write)
+    except Exception as error:
+        cause = environment_cause(error)
+        if cause is None:
+            raise
+        kept = f"the previous {path.name} is unchanged" if existed else "nothing was written"
+        raise resource_error(cause, f"cannot write {path} ({kept})") from error
+    _fsync_directory(path.parent)  # the rename itself survives a power cut
+
+
+def _write_and_rename(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
-            os.fsync(f.fileno())
+            os.fsync(f.fileno())  # a full disk may only tell here (delayed allocation, NFS)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; keep the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_directory(path.parent)  # the rename itself survives a power cut
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
@@ -56,6 +81,52 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
         atomic_write(path, lambda f: torch.save(checkpoint, f))
+
+
+def save_traceback(directory: str | os.PathLike, error: BaseException) -> Path:
+    """Write the traceback of `error` to <directory>/error.txt (atomically: a full disk leaves no half
+    file); an error.txt already there is kept aside first. A note on `error` names the file, so that a
+    caller further up (the tool) knows it is saved, and a traceback shown in full says where it is.
+    Raises OSError (ResourceError) when it cannot be written: the caller decides how to tell that."""
+    path = Path(directory) / ERROR_FILE
+    if saved_traceback(error) == path:
+        return path
+    text = "".join(traceback.format_exception(error))
+    keep_earlier(directory, ERROR_FILE)
+    atomic_write(path, lambda f: f.write(text.encode()))
+    note = f"{_SAVED_NOTE}{path}"
+    if hasattr(error, "add_note"):
+        error.add_note(note)
+    else:  # Python 3.10: the attribute that add_note fills (PEP 678), not shown in tracebacks
+        error.__notes__ = [*getattr(error, "__notes__", []), note]
+    return path
+
+
+_SAVED_NOTE = "The traceback is saved in "
+
+
+def saved_traceback(error: BaseException) -> Path | None:
+    """Where `save_traceback` saved this error's traceback, if it did."""
+    for note in getattr(error, "__notes__", ()):
+        if isinstance(note, str) and note.startswith(_SAVED_NOTE):
+            return Path(note.removeprefix(_SAVED_NOTE))
+    return None
+
+
+def keep_earlier(directory: str | os.PathLike, name: str) -> Path | None:
+    """Rename <directory>/<name>, left by an earlier attempt of this run (before a resume= or a SLURM
+    requeue), to <stem>.<time it was written><suffix> (error.txt -> error.2026-01-01_12-00-00.txt):
+    kept, but no longer taken for this attempt's outcome. Returns the new name, None when there was none."""
+    path = Path(directory) / name
+    try:
+        written = time.strftime("%Y-%m-%d_%H-%M-%S", time.localtime(path.stat().st_mtime))
+    except FileNotFoundError:
+        return None
+    n = 0
+    while (kept := path.with_name(f"{path.stem}.{written}{f'.{n}' if n else ''}{path.suffix}")).exists():
+        n += 1  # attempts that failed within one second: never write over a kept one
+    path.rename(kept)
+    return kept
 
 
 def _umask() -> int:

@@ -3,9 +3,9 @@ evaluate the best checkpoint, report."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
-import traceback
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ from transferlab.build import (
 from transferlab.checkpoints import check_checkpoint_classes, read_checkpoint
 from transferlab.config import TrainConfig, parse_train_config
 from transferlab.data.datamodule import TransferDataModule
-from transferlab.files import write_json
+from transferlab.files import ERROR_FILE, METRICS_FILE, keep_earlier, save_traceback, write_json
 from transferlab.finetune.lr_find import find_lr
 from transferlab.launch import check_multirun_processes
 from transferlab.models.classifier import ImageClassifier
@@ -121,14 +121,21 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit, then evaluate the best checkpoint; writes metrics.json to the run directory and returns it.
 
     Any failure, from config validation on, leaves its traceback in error.txt (sweep summaries list it).
+    A continued run (resume=, a SLURM requeue) first renames the earlier attempt's error.txt and
+    metrics.json (`files.keep_earlier`): kept, but neither is taken for this attempt's outcome.
     """
     output_dir = Path(cfg.paths.output_dir)
     try:
+        for name in (ERROR_FILE, METRICS_FILE) if rank_zero_only.rank == 0 else ():
+            if (kept := keep_earlier(output_dir, name)) is not None:
+                log.info("The earlier attempt's %s is kept as %s", name, kept.name)
         return _fit_and_evaluate(parse_train_config(cfg), output_dir)
     except BaseException as error:
         if rank_zero_only.rank == 0:  # the run directory stays readable: config, logs, checkpoints, the error
-            output_dir.mkdir(parents=True, exist_ok=True)
-            (output_dir / "error.txt").write_text(traceback.format_exc())
+            # on a full disk it cannot be saved: the error raised stays the one the user sees (the tool
+            # tries again, and tells)
+            with contextlib.suppress(OSError):
+                save_traceback(output_dir, error)
         if isinstance(error, SIGTERMException):  # a SystemExit with status 0, as if the run had succeeded
             raise SystemExit(128 + signal.SIGTERM) from None
         raise
@@ -140,13 +147,13 @@ def _fit_and_evaluate(config: TrainConfig, output_dir: Path) -> dict[str, Any]:
     config = replace(config, ckpt_path=start_checkpoint(config.ckpt_path, output_dir))
     loggers = instantiate_group(config.logger)
     callbacks = [*instantiate_group(config.callbacks), ReseedEachEpoch(config.seed)]
+    trainer = build_trainer(config.trainer, callbacks, loggers)  # Lightning checks its arguments: before data
     L.seed_everything(config.seed, workers=True)
     datamodule = build_datamodule(config.data, config.backbone, config.seed, config.augment)
     datamodule.prepare_data()
     datamodule.setup("fit")
     model = prepare_model(config, datamodule)
     apply_speed_options(model, config.model)
-    trainer = build_trainer(config.trainer, callbacks, loggers)
     status = "failed"
     try:
         if trainer.is_global_zero:
@@ -158,7 +165,7 @@ def _fit_and_evaluate(config: TrainConfig, output_dir: Path) -> dict[str, Any]:
         trainer.fit(model, datamodule=datamodule, ckpt_path=config.ckpt_path)
         metrics = final_metrics(trainer, model, datamodule, test=config.test_after_fit)
         if trainer.is_global_zero:
-            write_json(output_dir / "metrics.json", metrics)
+            write_json(output_dir / METRICS_FILE, metrics)
             log_final_hparams(loggers, _flat_hparams(config), metrics)
         log.info("Run directory: %s", output_dir)
         status = "success"

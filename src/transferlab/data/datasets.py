@@ -352,6 +352,7 @@ def _imagefolder(cfg: DataConfig, scan: FolderScan | None = None) -> DataSplits:
     splits = {name: _file_split(scan, name, class_names, max_pixels) for name in scan.images}
     seed = cfg.split_seed
     train, val, test = splits["train"], splits.get("val"), splits.get("test")
+    _check_fractions_apply(cfg, scan, has_val=val is not None, has_test=test is not None)
     test_fraction, val_fraction = cfg.test_fraction, cfg.val_fraction
     if test is None and test_fraction > 0:
         train, test = _hold_out(train, test_fraction, seed, "data.test_fraction")
@@ -360,6 +361,20 @@ def _imagefolder(cfg: DataConfig, scan: FolderScan | None = None) -> DataSplits:
         train, val = _hold_out(train, val_fraction, seed, "data.val_fraction")
         log.info("No val/ in %s: holding out a stratified part of the training images for validation.", root)
     return DataSplits(class_names, train, val, test, str(root), skipped=list(scan.bad), scan=scan)
+
+
+def _check_fractions_apply(cfg: DataConfig, scan: FolderScan, has_val: bool, has_test: bool) -> None:
+    """A folder with its own val/ or test/ is not split by a fraction: one that was set would be ignored."""
+    default_val = type(cfg).__dataclass_fields__["val_fraction"].default
+    for key, present, unset, split in (
+        ("val_fraction", has_val, default_val, "val"),
+        ("test_fraction", has_test, 0.0, "test"),
+    ):
+        if present and getattr(cfg, key) != unset:
+            raise ConfigError(
+                f"data.{key}={getattr(cfg, key)} is not used: {scan.split_dir(split)} holds the {split} "
+                f"images. Remove data.{key}, or move {split}/ out of data.root to have a share held out"
+            )
 
 
 _BUILDERS = {"digits": _digits, "cifar10": _cifar10}

@@ -1,46 +1,88 @@
 """The one style of our command-line tools: a Hydra app whose configs come from the installed package,
-whose user errors end in one line, and whose schemas are registered before Hydra composes."""
+whose failures end in one line (the traceback in the run's error.txt), and whose schemas are registered
+before Hydra composes."""
 
 from __future__ import annotations
 
 import functools
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 from unittest import mock
 
 import hydra
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from transferlab.config import register_configs
-from transferlab.errors import USER_ERRORS
-from transferlab.runtime import is_multirun
+from transferlab.errors import USER_ERRORS, describe, environment_cause
+from transferlab.files import save_traceback
+from transferlab.runtime import is_multirun, is_rank_zero_process
 
 CONFIG_PATH = "pkg://transferlab.conf"  # conf/ inside the package: tools work from an installed wheel too
+USER_ERROR_STATUS = 2  # a config, data, weights or environment problem the message explains
+FAILURE_STATUS = 1  # anything else (a bug): what Hydra and Python exit with too
+INTERRUPTED_STATUS = 130  # Ctrl-C, as a shell reports it
 log = logging.getLogger(__name__)
 
 
-def exit_on_user_error(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
-    """A user error ends a single run with its one-line message (exit code 2) instead of a traceback,
-    logged first so that the run's log has it too. In a multirun the error is raised as is, so that the
-    sweep records the job as failed and goes on."""
+def exit_on_error(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
+    """Any failure of `task` ends a single run with one logged line instead of a traceback: what failed,
+    and where its traceback is (error.txt in the run directory, for tools that have one). Exit status 2
+    for a user error (USER_ERRORS, or the environment refusing a file operation: `errors.describe`), 1
+    for anything else. The exception is raised as is in a multirun, so that the sweep records the job as
+    failed and goes on, and with HYDRA_FULL_ERROR=1 (Hydra's switch for full tracebacks)."""
 
     @functools.wraps(task)
     def guarded(cfg: DictConfig) -> Any:
         try:
             return task(cfg)
-        except USER_ERRORS as error:
-            log.error("%s: %s", type(error).__name__, error)
-            if is_multirun():
+        except (Exception, KeyboardInterrupt) as error:  # SystemExit: the task chose its exit status
+            _report(error)
+            user_error = isinstance(error, USER_ERRORS) or environment_cause(error) is not None
+            if is_multirun() or (os.environ.get("HYDRA_FULL_ERROR") == "1" and not user_error):
                 raise
-            if not logging.getLogger().handlers:  # Hydra's job logging is off: nothing showed it
-                print(f"Error: {error}", file=sys.stderr)
-            raise SystemExit(2) from None
+            if isinstance(error, KeyboardInterrupt):
+                raise SystemExit(INTERRUPTED_STATUS) from None
+            raise SystemExit(USER_ERROR_STATUS if user_error else FAILURE_STATUS) from None
 
     return guarded
+
+
+def _report(error: BaseException) -> None:
+    """Save the traceback, then log the one line (also on stderr when Hydra's job logging is off)."""
+    message = "Interrupted (Ctrl-C)" if isinstance(error, KeyboardInterrupt) else describe(error)
+    saved, failure = _save_traceback(error)
+    if failure:  # the original error is still the one to tell
+        message += f" (its traceback could not be saved: {failure}; HYDRA_FULL_ERROR=1 shows it)"
+    elif not isinstance(error, USER_ERRORS):  # a user error's message says it all; a bug needs its traceback
+        message += f" (full traceback: {saved})" if saved else " (HYDRA_FULL_ERROR=1 shows the traceback)"
+    raising = logging.raiseExceptions
+    logging.raiseExceptions = False  # the log file may be on the disk that is full: no logging traceback
+    try:
+        log.error("%s", message)
+    finally:
+        logging.raiseExceptions = raising
+    if not logging.getLogger().handlers:  # Hydra's job logging is off: nothing showed it
+        print(f"Error: {message}", file=sys.stderr)
+
+
+def _save_traceback(error: BaseException) -> tuple[Path | None, str | None]:
+    """error.txt in the run directory, or why it could not be written. Tools with `hydra: tool` have no
+    run directory; only rank 0 writes it, as it writes the run's other files."""
+    if not HydraConfig.initialized() or HydraConfig.get().output_subdir is None:
+        return None, None
+    if not is_rank_zero_process():
+        return None, None
+    try:
+        return save_traceback(HydraConfig.get().runtime.output_dir, error), None
+    except OSError as failure:  # e.g. the disk is full
+        return None, describe(failure)
 
 
 def hydra_tool(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Callable[[], Any]]:
@@ -49,7 +91,7 @@ def hydra_tool(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Call
 
     def decorate(task: Callable[[DictConfig], Any]) -> Callable[[], Any]:
         hydra_main = hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name=config_name)(
-            exit_on_user_error(task)
+            exit_on_error(task)
         )
 
         @functools.wraps(task)
