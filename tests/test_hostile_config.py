@@ -274,3 +274,14 @@ def test_outputs_keep_the_users_umask(tmp_path):
         os.umask(previous)
     assert (tmp_path / "run" / "metrics.json").stat().st_mode & 0o777 == 0o640
     assert (tmp_path / "run" / ".hydra").stat().st_mode & 0o777 == 0o750
+
+
+def test_class_names_that_are_numbers_are_chosen_by_name_only(tmp_path, capsys):
+    from tests.conftest import write_image_folder
+
+    write_image_folder(tmp_path, {"train": {name: 5 for name in ("10", "2", "33", "5")}})
+    data = ["data=imagefolder", f"data.root={tmp_path}"]
+    status, text = run("check", [*FAST, *data, "data.classes=[2,33]"], capsys)
+    assert status == 0 and "Splits as training would use them (2 classes)" in text
+    status, text = run("check", [*FAST, *data, "data.classes=[2,3]"], capsys)  # 3 is no folder's name
+    assert status == 1 and "data.classes: 3 is not a class name" in text and "Classes: 10, 2, 33, 5" in text

@@ -434,9 +434,16 @@ def _as_missing(result: ImageCheck) -> ImageCheck:
 
 
 def _class_id(item: Any, class_names: list[str], key: str) -> int:
-    """A class given by name or integer id, as its source label id."""
+    """A class given by name or integer id, as its source label id. Where some class names are numbers
+    (folders 10, 2, 33, 5), an integer is a name only: as an id, `3` would silently pick the folder 5."""
     if str(item) in class_names:
         return class_names.index(str(item))
+    numeric_names = any(name.lstrip("-").isdigit() for name in class_names)
+    if numeric_names and not isinstance(item, bool) and isinstance(item, int):
+        raise ConfigError(
+            f"{key}: {item!r} is not a class name, and with class names that are numbers integers are "
+            f"taken as names only. Classes: {', '.join(class_names)}"
+        )
     if isinstance(item, int) and not isinstance(item, bool) and 0 <= item < len(class_names):
         return item
     raise ConfigError(f"{key}: {item!r} is neither a class name nor an id. Classes: {', '.join(class_names)}")
