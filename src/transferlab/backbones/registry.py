@@ -23,8 +23,9 @@ if TYPE_CHECKING:
     from transferlab.data.transforms import Preprocessing
 
 SOURCES_PACKAGE = "transferlab.backbones.sources"
-# Listed first in choices and errors: the default source, the one that needs no extra install.
-_FIRST = "torchvision"
+# Listed first in choices and errors: the default source (no extra install), then the one that takes
+# any timm model name; the rest follow sorted.
+_LEADING = ("torchvision", "timm")
 
 
 @dataclass
@@ -76,7 +77,8 @@ def source_names() -> tuple[str, ...]:
     names = sorted(
         info.name for info in pkgutil.iter_modules(package.__path__) if not info.name.startswith("_")
     )
-    return tuple(sorted(names, key=lambda name: name != _FIRST))  # stable: the rest stay sorted
+    rank = {name: i for i, name in enumerate(_LEADING)}
+    return tuple(sorted(names, key=lambda name: rank.get(name, len(rank))))  # stable: the rest stay sorted
 
 
 def get_source(name: str) -> BackboneSource:

@@ -1,7 +1,8 @@
 """Load pretrained weights into a backbone: a source's named weights or a local file.
 
 `backbone.weights` is one of
-- a weights name of the source (torchvision: `DEFAULT`, `IMAGENET1K_V2`, ...; timm: `DEFAULT`/`pretrained`);
+- a weights name of the source (torchvision: `DEFAULT`, `IMAGENET1K_V2`, ...; timm: `DEFAULT`/`pretrained`;
+  packaged: `IMAGENET1K` or its alias `DEFAULT`, from an installed pip package, never downloaded);
 - a local file: a state_dict, a torchvision/timm checkpoint, or a Lightning `.ckpt` of ours;
 - null: random initialisation (logged as a warning).
 Weights of the removed classification layer are skipped and reported; any other missing or
