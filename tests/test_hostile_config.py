@@ -53,6 +53,24 @@ IGNORED_OR_UNREAD = [
     (["data.classes=[]"], r"data.classes=\[\] must list at least 2 classes"),
     (["data.image_size=4"], r"data.image_size=4 must be an integer >= 8"),
     (["seed=-1"], r"seed=-1 must be an integer >= 0"),
+    (["loss.focal_gamma=3"], r"loss.focal_gamma=3.0 is read only with data.imbalance=focal"),
+    (["tune.num_training=7"], r"tune.num_training is read only with tune.lr_find=true"),
+    (["augment=none", "augment.crop_scale=[0.2,0.5]"], r"augment.crop_scale is not read by augment=none"),
+    (["augment.crop_scale=[0.2,0.5]"], r"augment.crop_scale=\[0.2, 0.5\] lies below data.min_crop_scale=0.8"),
+    (["backbone.trust_file=true"], r"backbone.trust_file=true is read only for a local weights file"),
+    (
+        ["trainer.default_root_dir=/elsewhere"],
+        r"trainer.default_root_dir=/elsewhere: a run writes into its own",
+    ),
+    (["data.std=[0,0,0]"], r"data.std=\[0.0, 0.0, 0.0\] must be positive"),
+    (
+        ["callbacks=early_stopping", "callbacks.early_stopping.monitor=val/bogus"],
+        r"callbacks.early_stopping.monitor='val/bogus' is not a metric",
+    ),
+    (
+        ["tune.lr_find=true", "ckpt_path=/x.ckpt"],
+        r"tune.lr_find=true finds a learning rate for a fresh start",
+    ),
     (["data.split_seed=4294967296"], r"data.split_seed=4294967296 must be at most 4294967295"),
     (["freeze=linear_probe", "optim.backbone_lr_mult=0.1"], r"optim.backbone_lr_mult=0.1 has no effect"),
     (["freeze=linear_probe", "optim.layer_decay=0.7"], r"optim.layer_decay=0.7 has no effect"),
@@ -285,3 +303,102 @@ def test_class_names_that_are_numbers_are_chosen_by_name_only(tmp_path, capsys):
     assert status == 0 and "Splits as training would use them (2 classes)" in text
     status, text = run("check", [*FAST, *data, "data.classes=[2,3]"], capsys)  # 3 is no folder's name
     assert status == 1 and "data.classes: 3 is not a class name" in text and "Classes: 10, 2, 33, 5" in text
+
+
+def test_sweep_jobs_never_share_a_directory_and_chdir_is_refused(tmp_path, capsys):
+    before = snapshot(tmp_path)
+    for override in ("hydra.sweep.subdir=same", f"hydra.sweep.subdir={tmp_path}/mine/${{hydra.job.num}}"):
+        sweep = ["-m", *FAST, f"hydra.sweep.dir={tmp_path}/sweep", override, "seed=1,2"]
+        status, text = run("train", sweep, capsys)
+        assert status == 1 and "must be a relative path holding ${hydra.job.num}" in text
+    status, text = run("train", [*FAST, f"hydra.run.dir={tmp_path}/r", "hydra.job.chdir=true"], capsys)
+    assert status == 1 and "hydra.job.chdir=true is not supported" in text
+    assert snapshot(tmp_path) == before
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    """One short run of 2 epochs, for the resume= and ckpt_path= cases (each case copies what it changes)."""
+    run_dir = tmp_path_factory.mktemp("hostile_config") / "run"
+    overrides = [*FAST, "trainer.max_epochs=2", f"hydra.run.dir={run_dir}"]
+    assert run_tool("train", *[o for o in overrides if o != "trainer.max_epochs=1"]) == 0
+    return run_dir
+
+
+def test_a_run_in_use_is_not_resumed_by_another(finished_run, capsys):
+    from transferlab.launch import lock_run, release_run_locks
+
+    before = snapshot(finished_run)
+    lock_run(finished_run)  # as a run still going in it holds it (the OS frees it when that process ends)
+    try:
+        status, text = run("train", [f"resume={finished_run}", "trainer.max_epochs=3"], capsys)
+    finally:
+        release_run_locks()
+    assert status == 1 and f"{finished_run} is in use: another run (or resume=) is running in it now" in text
+    assert snapshot(finished_run) == before
+
+
+def test_a_checkpoint_with_no_epochs_left_is_refused(finished_run, tmp_path, capsys):
+    last = finished_run / "checkpoints" / "last.ckpt"
+    status, text = run("train", [f"resume={finished_run}"], capsys)  # max_epochs=2, both trained
+    assert status == 2 and "has completed 2 epochs, so trainer.max_epochs=2 leaves none to train" in text
+    status, text = run("train", [*FAST, f"ckpt_path={last}", f"hydra.run.dir={tmp_path}/new"], capsys)
+    assert status == 2 and f"ckpt_path={last} has completed 2 epochs" in text
+
+
+def test_a_moved_run_is_not_resumed_in_its_new_place(finished_run, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(finished_run, copy)
+    status, text = run("train", [f"resume={copy}", "trainer.max_epochs=3"], capsys)
+    assert status == 1 and f"this run was saved in {finished_run} and has been moved or copied" in text
+    assert f"ckpt_path={copy / 'checkpoints' / 'last.ckpt'}" in text
+
+
+def test_a_relative_data_root_is_kept_absolute(tmp_path, monkeypatch):
+    from transferlab.config import parse_group
+
+    monkeypatch.chdir(tmp_path)
+    assert parse_group("data", {"name": "imagefolder", "root": "images"}).root == str(tmp_path / "images")
+
+
+def test_folders_beside_train_are_not_silently_left_out(tmp_path, capsys):
+    from tests.conftest import write_image_folder
+
+    write_image_folder(tmp_path, {"train": {"cat": 4, "dog": 4}, ".": {"bird": 4}})
+    status, text = run("check", [*FAST, "data=imagefolder", f"data.root={tmp_path}"], capsys)
+    assert status == 1 and "and also bird/ beside it, which would not be read" in text
+
+
+def test_the_summary_never_writes_over_files_of_yours(tmp_path):
+    from transferlab.sweep.summary import write_summary
+
+    sweep = tmp_path / "sweep" / "0"
+    (sweep / ".hydra").mkdir(parents=True)
+    (sweep / "metrics.json").write_text('{"val/acc": 0.5, "test/acc": 0.4}')
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "summary.csv").write_text("my own table\n")
+    (tmp_path / "afile").write_text("x")
+    before = snapshot(tmp_path)
+    for out, message in ((mine, "already holds summary.csv"), (tmp_path / "afile", "is a file")):
+        with pytest.raises(SystemExit, match=message):
+            write_summary(sweep.parent, out=out)
+    with pytest.raises(
+        SystemExit, match=r"metric=test/bogus is not a metric of these jobs; they have: test/acc, val/acc"
+    ):
+        write_summary(sweep.parent, metric="test/bogus")
+    assert snapshot(tmp_path) == before
+    write_summary(sweep.parent)  # its own folder: written, and again
+    assert "val/acc" in write_summary(sweep.parent)
+
+
+def test_one_class_and_a_weights_folder_are_named(tmp_path, capsys):
+    from tests.conftest import write_image_folder
+
+    write_image_folder(tmp_path / "one", {".": {"cat": 6}})
+    status, text = run("check", [*FAST, "data=imagefolder", f"data.root={tmp_path / 'one'}"], capsys)
+    assert status == 1 and "has 1 class (cat): a classifier needs at least 2 class folders" in text
+    status, text = run("check", [*FAST, f"backbone.weights={tmp_path}"], capsys)
+    assert status == 1 and f"backbone.weights={tmp_path} is a directory" in text

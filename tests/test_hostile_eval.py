@@ -212,3 +212,10 @@ def test_a_resumed_run_refuses_a_folder_that_changed_since_it_started(tmp_path):
     write_images(data, per_class=5, first=100)
     with pytest.raises(DataError, match=r"train.txt differs from the train split of .* made now"):
         TransferDataModule(cfg, tiny).write_run_files(tmp_path / "run")
+
+
+def test_training_only_data_keys_are_refused(run: Run, tmp_path):
+    for key in ("data.imbalance=sampler", "data.allow_hflip=false", "data.min_crop_scale=0.9"):
+        result = evaluate(run.ckpt, tmp_path / key.split("=")[0], key)
+        assert result.status == 2
+        assert f"{key.split('=')[0]} is not read by eval.py: it shapes training only" in result.log

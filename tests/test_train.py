@@ -210,7 +210,10 @@ def _optimizer_group_names(run_dir: Path) -> list[str]:
 
 def test_checkpoint_with_other_classes_is_refused(fast_cfg, trained_run, tmp_path):
     cfg = fast_cfg(
-        f"ckpt_path={trained_run}/checkpoints/last.ckpt", "data.classes=[0,1]", output_dir=tmp_path / "resume"
+        f"ckpt_path={trained_run}/checkpoints/last.ckpt",
+        "data.classes=[0,1]",
+        "trainer.max_epochs=3",  # epochs left to train after the checkpoint's 2
+        output_dir=tmp_path / "resume",
     )
     with pytest.raises(DataError, match="trained on 10 classes"):
         train(cfg)

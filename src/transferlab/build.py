@@ -18,6 +18,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from transferlab.backbones import get_source, is_weights_file
 from transferlab.callbacks import ConfusionMatrixImage
+from transferlab.config.parse import trainer_arg
 from transferlab.config.schema import (
     AugmentConfig,
     BackboneConfig,
@@ -30,6 +31,7 @@ from transferlab.data.transforms import Preprocessing
 from transferlab.errors import ConfigError
 from transferlab.models.classifier import ImageClassifier
 from transferlab.models.metrics import TOP5_MIN_CLASSES
+from transferlab.resume import check_epochs_left
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +43,22 @@ def check_run_inputs(config: TrainConfig) -> None:
     source.check_available()
     source.check_name(backbone.name)
     weights = backbone.weights
+    if backbone.trust_file and (weights is None or not is_weights_file(weights)):
+        raise ConfigError(
+            f"backbone.trust_file=true is read only for a local weights file; backbone.weights={weights}"
+        )
     if weights is not None and is_weights_file(weights):
+        if Path(weights).expanduser().is_dir():
+            raise ConfigError(f"backbone.weights={weights} is a directory: give the weights file in it")
         if not Path(weights).expanduser().is_file():
             raise ConfigError(f"backbone.weights={weights}: no such file")
     elif weights is not None:
         source.check_weights(backbone.name, weights)
     if config.ckpt_path and not Path(config.ckpt_path).is_file():
         raise ConfigError(f"ckpt_path={config.ckpt_path}: no such file")
+    if config.ckpt_path:
+        key = f"resume={config.resume}: its last checkpoint" if config.resume else "ckpt_path"
+        check_epochs_left(config.ckpt_path, trainer_arg(config.trainer, "max_epochs"), key)
 
 
 def preprocessing_for(backbone: BackboneConfig, data: DataConfig) -> Preprocessing:

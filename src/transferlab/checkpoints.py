@@ -133,3 +133,21 @@ def checkpoint_step(path: Path) -> int:
     """The optimizer steps a checkpoint was saved after (read without loading its tensors)."""
     state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     return int(state.get("global_step", 0))
+
+
+def checkpoint_epochs(state: dict[str, Any]) -> int:
+    """The training epochs a checkpoint (as `read_checkpoint` returns it) has completed: Lightning's
+    fit-loop progress, counting an epoch whose batches have all run (last.ckpt is saved at its
+    validation, before Lightning marks the epoch completed); a checkpoint saved mid-epoch has not."""
+    progress = state.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {})
+    return int(progress.get("current", {}).get("processed", state.get("epoch", 0)))
+
+
+def checkpoint_dirs(path: str | Path) -> list[Path]:
+    """Where the checkpoint callbacks saved at the time (their `dirpath`, kept in the checkpoint)."""
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return [
+        Path(callback["dirpath"])
+        for key, callback in state.get("callbacks", {}).items()
+        if key.startswith("ModelCheckpoint") and isinstance(callback, dict) and callback.get("dirpath")
+    ]

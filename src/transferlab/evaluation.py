@@ -61,6 +61,7 @@ def eval_data_config(checkpoint: dict[str, Any], overrides: dict[str, Any] | Non
 
 
 PREPROCESSING_KEYS = ("image_size", "mean", "std", "interpolation")
+TRAINING_ONLY_KEYS = ("imbalance", "allow_hflip", "min_crop_scale")  # the loss, the sampler, augmentation
 
 
 def eval_preprocessing(checkpoint: dict[str, Any], data: DataConfig, typed: list[str]) -> Preprocessing:
@@ -84,6 +85,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     checkpoint = read_checkpoint(config.ckpt_path, trust=config.trust_checkpoint)
     L.seed_everything(config.seed, workers=True)
     typed = command_line_overrides()
+    for key in sorted(typed_data_keys(typed) & set(TRAINING_ONLY_KEYS)):
+        raise ConfigError(f"data.{key} is not read by eval.py: it shapes training only. Remove it")
     data = keep_runs_split_keys(checkpoint, eval_data_config(checkpoint, config.data), typed)
     preprocessing = eval_preprocessing(checkpoint, data, typed)
     log.info("Preprocessing: %s", preprocessing)

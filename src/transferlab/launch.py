@@ -12,6 +12,7 @@ Hydra turns exceptions raised in callbacks into warnings, so the callbacks exit 
 
 from __future__ import annotations
 
+import fcntl
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -66,6 +67,33 @@ def claim_directory(directory: str | Path, marker: str) -> Path:
         ) from None
 
 
+LOCK_FILE = ".hydra/run.lock"
+_held_locks: dict[Path, int] = {}  # run directory -> the open lock file this process holds
+
+
+def lock_run(run_dir: str | Path) -> None:
+    """Hold an exclusive lock on the run directory while this process runs in it, so that a resume= of
+    a run that is still running (or two resumes started together) is refused. The operating system
+    releases it when the process ends, however it ends: a crash leaves no stale lock."""
+    path = Path(run_dir) / LOCK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(
+            f"{run_dir} is in use: another run (or resume=) is running in it now. Wait for it to end"
+        ) from None
+    _held_locks[Path(run_dir)] = fd
+
+
+def release_run_locks() -> None:
+    """Release the locks this process holds (at the end of a run made in this process: tests, demo)."""
+    while _held_locks:
+        os.close(_held_locks.popitem()[1])
+
+
 def find_earlier_run(directory: str | Path) -> Path | None:
     """The first file or folder showing that `directory` already holds a run, if any."""
     for marker in RUN_MARKERS:
@@ -85,9 +113,11 @@ class RunDirGuard(HydraCallback):
         run_dir = config.hydra.run.dir
         if config.get("resume"):
             self._check_resume(config.resume, run_dir, list(config.hydra.overrides.task))
+            self._lock(run_dir)
             return
         earlier = find_earlier_run(run_dir)
         if earlier is not None and is_slurm_requeue() and Path(run_dir).name == slurm_run_name():
+            self._lock(run_dir)
             return  # SLURM restarted this job: it continues from its own checkpoints
         if earlier is not None:
             raise SystemExit(
@@ -98,6 +128,17 @@ class RunDirGuard(HydraCallback):
             claim_directory(run_dir, marker=str(config.hydra.output_subdir or ".hydra"))
         except ConfigError as error:
             raise SystemExit(f"Error: hydra.run.dir: {error}") from None
+        self._lock(run_dir)
+
+    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
+        release_run_locks()
+
+    @staticmethod
+    def _lock(run_dir: str) -> None:
+        try:
+            lock_run(run_dir)
+        except ConfigError as error:
+            raise SystemExit(f"Error: {error}") from None
 
     @staticmethod
     def _check_resume(resume: str, run_dir: str, overrides: list[str]) -> None:
@@ -156,8 +197,31 @@ def check_multirun_processes(trainer: Mapping[str, Any], multirun: bool) -> None
         )
 
 
+def check_job_directories(config: DictConfig) -> None:
+    """Each job of a sweep needs a directory of its own inside the sweep's: a subdir without the job's
+    number would put every job in one directory (the first job's files replaced by the next one's), an
+    absolute one could be any folder of yours. Relative paths in the config assume no chdir."""
+    subdir = str(OmegaConf.to_container(config.hydra.sweep, resolve=False)["subdir"])
+    if "hydra.job.num" not in subdir or Path(subdir).is_absolute():
+        raise ConfigError(
+            f"hydra.sweep.subdir={subdir} must be a relative path holding ${{hydra.job.num}} (the default): "
+            "each job of a sweep writes into a directory of its own"
+        )
+
+
+def check_no_chdir(config: DictConfig) -> None:
+    if config.hydra.job.chdir:
+        raise ConfigError(
+            "hydra.job.chdir=true is not supported: data.root, ckpt_path and weight files given relative "
+            "to where you start the command would be looked up in the run directory. Leave it false"
+        )
+
+
 def check_sweep_launch(config: DictConfig) -> None:
-    """The checks a sweep gets before its first job: SLURM resources, or no Lightning-started processes."""
+    """The checks a sweep gets before its first job: its job directories, no chdir, SLURM resources, or
+    no Lightning-started processes."""
+    check_job_directories(config)
+    check_no_chdir(config)
     if config.hydra.launcher["_target_"] == SLURM_LAUNCHER:
         check_submitit_resources(config)
     else:  # jobs run here (basic) or one process each (submitit_local): Lightning would re-run the sweep
@@ -198,6 +262,7 @@ def check_single_run(config: DictConfig) -> None:
     """A sweeper or launcher chosen for a run without -m would be ignored by Hydra: the run would
     happen here, once, as if they had not been asked for."""
     choices = config.hydra.runtime.choices
+    check_no_chdir(config)
     if config.hydra.sweeper["_target_"] != BASIC_SWEEPER:
         raise ConfigError(
             f"hparams_search={choices.get('hparams_search')} runs a sweep: add -m "

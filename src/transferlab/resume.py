@@ -13,7 +13,13 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
-from transferlab.checkpoints import checkpoint_step, last_checkpoint
+from transferlab.checkpoints import (
+    checkpoint_dirs,
+    checkpoint_epochs,
+    checkpoint_step,
+    last_checkpoint,
+    read_checkpoint,
+)
 from transferlab.errors import ConfigError
 from transferlab.runtime import is_slurm_requeue
 
@@ -33,7 +39,32 @@ def check_resumable(run_dir: str | Path) -> Path:
         raise ConfigError(
             f"resume={run_dir}: no checkpoints/last.ckpt (the run ended before its first epoch); start it again"
         )
+    _check_in_place(run_dir, ckpt)
     return ckpt
+
+
+def _check_in_place(run_dir: Path, ckpt: Path) -> None:
+    """A run continues where it was saved: moved or copied, its checkpoints still name the old folder
+    (Lightning would neither find its best score nor keep best.ckpt in this one)."""
+    here = (run_dir / "checkpoints").resolve()
+    for saved in checkpoint_dirs(ckpt):
+        if saved.resolve() != here:
+            raise ConfigError(
+                f"resume={run_dir}: this run was saved in {saved.parent} and has been moved or copied; resume= "
+                f"continues a run in place. To go on from its weights and optimizer state in a new run: "
+                f"ckpt_path={ckpt} trainer.max_epochs=..."
+            )
+
+
+def check_epochs_left(ckpt_path: str | Path, max_epochs: int, key: str) -> None:
+    """A checkpoint that has completed trainer.max_epochs epochs would make fit() return at once, and the
+    run would report metrics it did not train for."""
+    done = checkpoint_epochs(read_checkpoint(ckpt_path))
+    if done >= max_epochs:
+        raise ConfigError(
+            f"{key}={ckpt_path} has completed {done} epochs, so trainer.max_epochs={max_epochs} leaves none "
+            f"to train: set trainer.max_epochs above {done}"
+        )
 
 
 def _override_key(override: str) -> str:

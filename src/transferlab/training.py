@@ -28,6 +28,7 @@ from transferlab.checkpoints import check_checkpoint_classes, read_checkpoint
 from transferlab.config import TrainConfig, parse_train_config
 from transferlab.data.datamodule import TransferDataModule
 from transferlab.files import ERROR_FILE, METRICS_FILE, keep_earlier, save_traceback, write_json
+from transferlab.finetune.feature_cache import FeatureCache, use_feature_cache
 from transferlab.finetune.lr_find import find_lr
 from transferlab.launch import check_multirun_processes
 from transferlab.models.classifier import ImageClassifier
@@ -154,6 +155,11 @@ def _fit_and_evaluate(config: TrainConfig, output_dir: Path) -> dict[str, Any]:
     datamodule.setup("fit")
     model = prepare_model(config, datamodule)
     apply_speed_options(model, config.model)
+    if use_feature_cache(config, model.backbone, trainer.world_size):
+        # fit (and the LR finder's), validate and test: the head on the backbone's features, computed when a
+        # loader first asks for them (after a checkpoint is restored); checkpoints hold the whole network
+        datamodule.feature_cache = FeatureCache(model)
+        model.inputs_are_features = True
     status = "failed"
     try:
         if trainer.is_global_zero:

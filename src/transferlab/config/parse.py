@@ -112,7 +112,98 @@ def parse_train_config(cfg: DictConfig) -> s.TrainConfig:
     _check_milestones(config.freeze, max_epochs)
     _check_warmup(config.scheduler, max_epochs)
     _check_frozen_backbone(config.freeze, config.optim)
+    _check_unused_settings(config)
+    _check_callback_monitors(config.callbacks)
+    _check_cache_features(config)
     return config
+
+
+def backbone_never_trains(freeze: s.FreezeConfig) -> bool:
+    """freeze=linear_probe, or partial with trainable_blocks=0."""
+    return isinstance(freeze, s.LinearProbeConfig) or (
+        isinstance(freeze, s.PartialFinetuneConfig) and freeze.trainable_blocks == 0
+    )
+
+
+def cache_features_obstacle(config: s.TrainConfig) -> str | None:
+    """What in the config makes the backbone's features of an image change between epochs, so that they
+    cannot be computed once (`model.cache_features`); None when nothing does. The backbone's own layers
+    (dropout) and the number of processes are checked when the run is built (`finetune.feature_cache`)."""
+    freeze, augment = config.freeze, config.augment
+    if not backbone_never_trains(freeze):
+        return f"freeze={freeze.name} trains the backbone, so its features change as it learns"
+    if not isinstance(augment, s.NoAugmentConfig):
+        return (
+            f"augment={augment.name} makes the training images random, so their features differ every "
+            "epoch (augment=none resizes and center-crops them like evaluation images)"
+        )
+    for key in ("mixup_alpha", "cutmix_alpha"):
+        if getattr(augment, key) > 0:
+            return f"augment.{key}={getattr(augment, key)} mixes the images of each training batch at random"
+    return None
+
+
+def _check_cache_features(config: s.TrainConfig) -> None:
+    reason = cache_features_obstacle(config) if config.model.cache_features is True else None
+    if reason is not None:
+        raise ConfigError(
+            f"model.cache_features=true cannot be: {reason}. Use model.cache_features=auto (on exactly when "
+            "it is valid) or false"
+        )
+
+
+def _changed(node: Any, key: str) -> bool:
+    """`node.key` differs from its schema's default (a value somebody set)."""
+    spec = type(node).__dataclass_fields__[key]
+    default = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
+    return getattr(node, key) != default
+
+
+def _check_unused_settings(config: s.TrainConfig) -> None:
+    """Settings that another setting makes moot would be silently ignored: refused, naming both."""
+    if _changed(config.loss, "focal_gamma") and config.data.imbalance != "focal":
+        raise ConfigError(
+            f"loss.focal_gamma={config.loss.focal_gamma} is read only with data.imbalance=focal "
+            f"(it is {config.data.imbalance})"
+        )
+    tune_keys = [f.name for f in dataclasses.fields(config.tune) if f.name != "lr_find"]
+    if not config.tune.lr_find and any(_changed(config.tune, key) for key in tune_keys):
+        changed = next(key for key in tune_keys if _changed(config.tune, key))
+        raise ConfigError(f"tune.{changed} is read only with tune.lr_find=true (the LR finder)")
+    if config.tune.lr_find and config.ckpt_path and not config.resume:  # a resumed run found its LR already
+        raise ConfigError(
+            "tune.lr_find=true finds a learning rate for a fresh start; it does not run with ckpt_path= "
+            "(set optim.lr instead)"
+        )
+    augment, data = config.augment, config.data
+    if isinstance(augment, s.NoAugmentConfig):
+        for key in ("crop_scale", "hflip"):
+            if _changed(augment, key):
+                raise ConfigError(
+                    f"augment.{key} is not read by augment=none (images are resized and center-cropped as "
+                    "for evaluation): choose augment=basic"
+                )
+    elif data.min_crop_scale is not None and augment.crop_scale[1] < data.min_crop_scale:
+        raise ConfigError(
+            f"augment.crop_scale={list(augment.crop_scale)} lies below data.min_crop_scale={data.min_crop_scale} "
+            f"(data={data.name}: smaller crops would change the label): raise it"
+        )
+    root_dir = trainer_arg(config.trainer, "default_root_dir")
+    if root_dir is not None and str(root_dir) != config.paths.output_dir:
+        raise ConfigError(
+            f"trainer.default_root_dir={root_dir}: a run writes into its own directory "
+            f"({config.paths.output_dir}); choose it with hydra.run.dir or paths.output_root"
+        )
+
+
+def _check_callback_monitors(callbacks: Mapping[str, Any] | None) -> None:
+    """A callback that monitors a metric (early stopping, a checkpoint) monitors one the model logs."""
+    for name, node in (callbacks or {}).items():
+        if isinstance(node, Mapping) and node.get("monitor") is not None:
+            mode = node.get("mode")
+            s.check_monitored_metric(
+                node["monitor"], f"callbacks.{name}.monitor", mode, f"callbacks.{name}.mode"
+            )
 
 
 def parse_eval_config(cfg: DictConfig) -> s.EvalConfig:

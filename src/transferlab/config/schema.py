@@ -11,6 +11,7 @@ there are no defaults anywhere else.
 from __future__ import annotations
 
 import itertools
+import os
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -413,6 +414,8 @@ class DataConfig:
             values = getattr(self, key)
             if values is not None and len(values) != 3:
                 raise ConfigError(f"data.{key}={list(values)} must have 3 values (R, G, B)")
+        if self.std is not None and min(self.std) <= 0:
+            raise ConfigError(f"data.std={list(self.std)} must be positive (images are divided by it)")
         if self.min_crop_scale is not None and not 0 < self.min_crop_scale <= 1:
             raise ConfigError(f"data.min_crop_scale={self.min_crop_scale} must be in (0, 1]")
         if self.classes is not None and (not isinstance(self.classes, list) or len(self.classes) < 2):
@@ -425,6 +428,8 @@ class DataConfig:
         self._check_fractions()
         self._check_class_fraction()
         self._check_unread()
+        if self.root:  # kept absolute: eval.py and resume= may run from another folder
+            self.root = os.path.abspath(os.path.expanduser(self.root))
 
     def _check_unread(self) -> None:
         defaults = DataConfig.__dataclass_fields__
@@ -593,6 +598,19 @@ class LossConfig:
 class ModelConfig:
     compile: bool = False  # torch.compile the backbone (slow first batches; for long GPU runs)
     channels_last: bool = False  # NHWC weights and inputs: faster convolutions on GPUs with mixed precision
+    # auto | true | false: train the head on the backbone's features computed once per split (in memory),
+    # not on images every epoch. Valid when the backbone never trains (freeze=linear_probe, or partial with
+    # trainable_blocks=0), training images are not random (augment=none, no mixup/cutmix), the backbone
+    # draws no random numbers (no dropout / stochastic depth) and the run is one process. auto: on exactly
+    # then; true: refused otherwise, saying why; false: off. Same metrics either way
+    # (finetune/feature_cache.py).
+    cache_features: Any = "auto"
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.cache_features, bool) or self.cache_features == "auto"):
+            raise ConfigError(
+                f"model.cache_features={self.cache_features!r} is not valid; choose one of: auto, true, false"
+            )
 
 
 @dataclass

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
@@ -28,6 +28,9 @@ from transferlab.data.transforms import Preprocessing, eval_transform
 from transferlab.errors import ConfigError, DataError
 from transferlab.files import write_json
 from transferlab.runtime import usable_cpu_count
+
+if TYPE_CHECKING:
+    from transferlab.finetune.feature_cache import FeatureCache
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +83,8 @@ class TransferDataModule(L.LightningDataModule):
         self.splits: DataSplits | None = splits
         self._set_up = False
         self._fingerprints: dict[str, str] | None = None
+        # model.cache_features: loaders yield (backbone features, label) from this cache, not images
+        self.feature_cache: FeatureCache | None = None
 
     @property
     def class_names(self) -> list[str]:
@@ -192,16 +197,24 @@ class TransferDataModule(L.LightningDataModule):
             )
         else:
             transform = eval_transform(self.preprocessing)
+        mixer = batch_mixer(self.augment, self.num_classes) if train else None
+        if mixer is not None and self.feature_cache is not None:
+            raise ValueError("mixup/cutmix mixes images: their features cannot be cached")
+        if mixer is not None:
+            log.info("mixup/cutmix: training targets are soft, so train accuracy and F1 are not computed")
         dataset = SplitDataset(split, transform)
+        workers = self._num_workers()
+        if self.feature_cache is not None:  # as long as the images: the same sampler, order and batches
+            dataset = self.feature_cache.dataset(name, dataset, train, self.batch_size, workers)
+            # in memory, so one worker at most; but one if the images had any: a loader with workers draws
+            # its shuffling seed when its iterator is made (to send them indices), without any at the first
+            # batch, and Lightning makes the first epoch's iterator before ReseedEachEpoch runs
+            workers = min(workers, 1)
         sampler = (
             balanced_sampler(split.labels(), self.num_classes)
             if train and self.imbalance == "sampler"
             else None
         )
-        mixer = batch_mixer(self.augment, self.num_classes) if train else None
-        if mixer is not None:
-            log.info("mixup/cutmix: training targets are soft, so train accuracy and F1 are not computed")
-        workers = self._num_workers()
         return DataLoader(
             dataset,
             batch_size=self.batch_size,

@@ -519,6 +519,11 @@ def build_splits(cfg: DataConfig, seed: int = 0, scan: FolderScan | None = None)
     """Build the configured dataset's splits, keep `data.classes`, sample `data.shots`, cut classes to
     `data.class_fraction`, and check them. `scan`: an image folder's scan when the caller already has it."""
     raw = _imagefolder(cfg, scan) if cfg.name == "imagefolder" else _BUILDERS[cfg.name](cfg)
+    if len(raw.class_names) < 2:
+        raise DataError(
+            f"{raw.origin} has {len(raw.class_names)} class ({', '.join(raw.class_names)}): a classifier "
+            "needs at least 2 class folders"
+        )
     chosen = resolve_classes(cfg.classes, raw.class_names)
     label_map = {source: new for new, source in enumerate(chosen)}
     class_names = [raw.class_names[i] for i in chosen]

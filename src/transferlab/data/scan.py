@@ -80,6 +80,13 @@ def _list_class_folder(folder: Path) -> tuple[list[Path], list[Path]]:
 
 def _layout(root: Path) -> str:
     if (root / "train").is_dir():
+        others = [name for name in _class_dirs(root) if name not in SPLITS]
+        if others:  # class folders beside train/ would be left out without a word
+            raise DataError(
+                f"{root} has train/ (so its images are read from train/, val/, test/) and also "
+                f"{', '.join(others[:5])}/ beside it, which would not be read: move them under train/ (as "
+                f"classes) or out of {root}"
+            )
         return "splits"
     if (root / "val").is_dir() or (root / "test").is_dir():
         raise DataError(f"{root} has val/ or test/ but no train/: add {root / 'train'}/<class>/<image>")

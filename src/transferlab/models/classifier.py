@@ -77,6 +77,9 @@ class ImageClassifier(L.LightningModule):
         bn_mode = resolve_bn_mode(freeze_config.bn, pretrained=self.backbone_config.weights is not None)
         self.frozen_stages = FrozenStages(self.backbone, self.stages, plan, bn_mode)
         self.frozen_stages.apply(epoch=0, training=self.training)
+        # model.cache_features: the batches of fit/validate/test hold the backbone's features, computed once
+        # (finetune.feature_cache), and the head alone runs on them; forward() still takes images
+        self.inputs_are_features = False
 
     def load_pretrained_backbone(self) -> None:
         """Fill the backbone from `backbone.weights` (a weights name, a local file, or null)."""
@@ -109,8 +112,8 @@ class ImageClassifier(L.LightningModule):
         return self
 
     def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str, metrics) -> torch.Tensor:
-        images, targets = batch
-        logits = self(images)
+        inputs, targets = batch
+        logits = self.head(inputs) if self.inputs_are_features else self(inputs)
         loss = self.criterion(logits, targets)
         if targets.dim() == 1:  # mixup/cutmix batches have soft targets: no accuracy against them
             metrics.update(logits.detach(), targets)

@@ -8,6 +8,7 @@ best first; failed and unfinished jobs last. Writes summary.csv and summary.md, 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from typing import Any
 import yaml
 
 from transferlab.config.schema import TrainConfig, metric_direction
+from transferlab.files import atomic_write
 
 METRIC_COLUMNS = ("val/acc", "val/f1", "val/loss", "test/acc", "test/f1", "test/loss")
 
@@ -123,16 +125,36 @@ def write_summary(
     first = next((j for j in jobs if j.optimized_metric), jobs[0])
     metric = metric or first.optimized_metric or TrainConfig.optimized_metric
     mode = mode or metric_direction(metric)  # training refuses an optimized_mode that contradicts it
+    found = {key for job in jobs for key in job.metrics}
+    if found and metric not in found:
+        columns = sorted(key for key in found if "/" in key and "confusion" not in key)
+        raise SystemExit(
+            f"Error: metric={metric} is not a metric of these jobs; they have: {', '.join(columns)}"
+        )
     rows = summary_rows(jobs, metric, maximize=mode == "max")
-    out = out or sweep_dir
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "summary.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    out = _output_folder(out or sweep_dir, own=out is None or out.resolve() == sweep_dir.resolve())
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
     markdown = _heading(jobs, metric, mode) + "\n" + to_markdown(rows)
-    (out / "summary.md").write_text(markdown)
+    for name, text in (("summary.csv", buffer.getvalue()), ("summary.md", markdown)):
+        atomic_write(out / name, lambda f, text=text: f.write(text.encode()))
     return markdown
+
+
+def _output_folder(out: Path, own: bool) -> Path:
+    """The sweep's own folder takes a new summary over the old one; another folder (out=) must not hold
+    summary files already: they may be the user's."""
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"Error: out={out} is a file; give a folder for summary.csv and summary.md")
+    taken = [name for name in ("summary.csv", "summary.md") if (out / name).exists()]
+    if taken and not own:
+        raise SystemExit(
+            f"Error: out={out} already holds {', '.join(taken)}; it is left untouched. Choose another out="
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 def _heading(jobs: list[Job], metric: str, mode: str) -> str:

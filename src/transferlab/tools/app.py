@@ -17,11 +17,13 @@ from unittest import mock
 import hydra
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import CompactHydraException
 from omegaconf import DictConfig
 
 from transferlab.config import register_configs
 from transferlab.errors import USER_ERRORS, describe, environment_cause
 from transferlab.files import save_traceback
+from transferlab.launch import release_run_locks
 from transferlab.runtime import is_multirun, is_rank_zero_process
 
 CONFIG_PATH = "pkg://transferlab.conf"  # conf/ inside the package: tools work from an installed wheel too
@@ -43,10 +45,13 @@ def exit_on_error(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], A
         try:
             return task(cfg)
         except (Exception, KeyboardInterrupt) as error:  # SystemExit: the task chose its exit status
-            _report(error)
+            message = _report(error)
             user_error = isinstance(error, USER_ERRORS) or environment_cause(error) is not None
-            if is_multirun() or (os.environ.get("HYDRA_FULL_ERROR") == "1" and not user_error):
+            full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
+            if full_error and (is_multirun() or not user_error):
                 raise
+            if is_multirun() and not isinstance(error, KeyboardInterrupt):
+                raise JobFailed(message) from None  # the sweep records the job as failed and goes on
             if isinstance(error, KeyboardInterrupt):
                 raise SystemExit(INTERRUPTED_STATUS) from None
             raise SystemExit(USER_ERROR_STATUS if user_error else FAILURE_STATUS) from None
@@ -54,7 +59,12 @@ def exit_on_error(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], A
     return guarded
 
 
-def _report(error: BaseException) -> None:
+class JobFailed(CompactHydraException):
+    """A sweep job's failure as its one line: Hydra prints a compact exception without a traceback when
+    it reports the failed job at the end of the sweep."""
+
+
+def _report(error: BaseException) -> str:
     """Save the traceback, then log the one line (also on stderr when Hydra's job logging is off)."""
     message = "Interrupted (Ctrl-C)" if isinstance(error, KeyboardInterrupt) else describe(error)
     saved, failure = _save_traceback(error)
@@ -70,6 +80,7 @@ def _report(error: BaseException) -> None:
         logging.raiseExceptions = raising
     if not logging.getLogger().handlers:  # Hydra's job logging is off: nothing showed it
         print(f"Error: {message}", file=sys.stderr)
+    return message
 
 
 def _save_traceback(error: BaseException) -> tuple[Path | None, str | None]:
@@ -121,6 +132,7 @@ def run_in_process(tool: str, overrides: list[str]) -> int:
     finally:
         GlobalHydra.instance().clear()
         _restore_logging(saved)
+        release_run_locks()  # a run that exited (SystemExit) skips Hydra's on_run_end
     return 0
 
 
