@@ -24,6 +24,9 @@ RECIPES = {
     "lp_ft": ["experiment=finetune_small_data"],
     "linear_probe": ["freeze=linear_probe", "augment=none", "optim.lr=0.1"],
     "scratch": ["backbone.weights=null"],
+    # candidates for new defaults: the backbone at a tenth of the head's LR, and more optimizer steps
+    "backbone_lr_0.1": ["optim.backbone_lr_mult=0.1"],
+    "backbone_lr_0.1_batch16": ["optim.backbone_lr_mult=0.1", "data.batch_size=16"],
 }
 COMMON = ["data=digits", "callbacks.progress.mode=none", "logger=none", "test_after_fit=true"]
 
