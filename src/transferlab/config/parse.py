@@ -152,23 +152,16 @@ def _check_cache_features(config: s.TrainConfig) -> None:
         )
 
 
-def _changed(node: Any, key: str) -> bool:
-    """`node.key` differs from its schema's default (a value somebody set)."""
-    spec = type(node).__dataclass_fields__[key]
-    default = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
-    return getattr(node, key) != default
-
-
 def _check_unused_settings(config: s.TrainConfig) -> None:
     """Settings that another setting makes moot would be silently ignored: refused, naming both."""
-    if _changed(config.loss, "focal_gamma") and config.data.imbalance != "focal":
+    if s.is_set(config.loss, "focal_gamma") and config.data.imbalance != "focal":
         raise ConfigError(
             f"loss.focal_gamma={config.loss.focal_gamma} is read only with data.imbalance=focal "
             f"(it is {config.data.imbalance})"
         )
     tune_keys = [f.name for f in dataclasses.fields(config.tune) if f.name != "lr_find"]
-    if not config.tune.lr_find and any(_changed(config.tune, key) for key in tune_keys):
-        changed = next(key for key in tune_keys if _changed(config.tune, key))
+    if not config.tune.lr_find and any(s.is_set(config.tune, key) for key in tune_keys):
+        changed = next(key for key in tune_keys if s.is_set(config.tune, key))
         raise ConfigError(f"tune.{changed} is read only with tune.lr_find=true (the LR finder)")
     if config.tune.lr_find and config.ckpt_path and not config.resume:  # a resumed run found its LR already
         raise ConfigError(
@@ -178,7 +171,7 @@ def _check_unused_settings(config: s.TrainConfig) -> None:
     augment, data = config.augment, config.data
     if isinstance(augment, s.NoAugmentConfig):
         for key in ("crop_scale", "hflip"):
-            if _changed(augment, key):
+            if s.is_set(augment, key):
                 raise ConfigError(
                     f"augment.{key} is not read by augment=none (images are resized and center-cropped as "
                     "for evaluation): choose augment=basic"
@@ -299,14 +292,13 @@ def _check_frozen_backbone(freeze: s.FreezeConfig, optim: s.OptimConfig) -> None
     )
     if not never_trains:
         return
-    defaults = s.OptimConfig.__dataclass_fields__
     for key in ("backbone_lr_mult", "layer_decay"):
-        if getattr(optim, key) != defaults[key].default:
+        if s.is_set(optim, key):
             raise ConfigError(
                 f"optim.{key}={getattr(optim, key)} has no effect: freeze={freeze.name} never trains the "
                 f"backbone. Remove it, or choose freeze=full, partial or gradual"
             )
-    if freeze.bn != type(freeze).__dataclass_fields__["bn"].default:
+    if s.is_set(freeze, "bn"):
         raise ConfigError(
             f"freeze.bn={freeze.bn} has no effect: it sets batch norm in the stages that train, and "
             f"freeze={freeze.name} trains none (their batch norm keeps its statistics). Remove it"

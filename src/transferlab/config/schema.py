@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from dataclasses import MISSING as MISSING_FIELD
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -69,6 +70,14 @@ def check_int(value: Any, key: str, minimum: int, optional: bool = False) -> Non
         return
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ConfigError(f"{key}={value!r} must be an integer >= {minimum}")
+
+
+def is_set(node: Any, key: str, schema: type | None = None) -> bool:
+    """`node.key` differs from its default in `schema` (default: the node's own): a value somebody set,
+    which the checks of settings that nothing would read refuse."""
+    spec = (schema or type(node)).__dataclass_fields__[key]
+    default = spec.default_factory() if spec.default_factory is not MISSING_FIELD else spec.default
+    return getattr(node, key) != default
 
 
 MAX_SEED = 2**32 - 1  # numpy's and scikit-learn's seeds; Lightning picks a random one outside it
@@ -432,9 +441,8 @@ class DataConfig:
             self.root = os.path.abspath(os.path.expanduser(self.root))
 
     def _check_unread(self) -> None:
-        defaults = DataConfig.__dataclass_fields__
         for key, why in self.UNREAD.items():
-            if getattr(self, key) != defaults[key].default:
+            if is_set(self, key, DataConfig):
                 raise ConfigError(f"data.{key}={getattr(self, key)!r} is not read by data={self.name}: {why}")
 
     def _check_fractions(self) -> None:

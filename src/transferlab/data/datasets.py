@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.datasets import CIFAR10
 
-from transferlab.config.schema import PIL_MAX_PIXELS, SPLITS, DataConfig
+from transferlab.config.schema import PIL_MAX_PIXELS, SPLITS, DataConfig, is_set
 from transferlab.data.images import IMAGE_EXTENSIONS, ImageCheck, load_rgb
 from transferlab.data.scan import FolderScan, check_images, scan_image_folder
 from transferlab.downloads import socket_timeout
@@ -365,12 +365,8 @@ def _imagefolder(cfg: DataConfig, scan: FolderScan | None = None) -> DataSplits:
 
 def _check_fractions_apply(cfg: DataConfig, scan: FolderScan, has_val: bool, has_test: bool) -> None:
     """A folder with its own val/ or test/ is not split by a fraction: one that was set would be ignored."""
-    default_val = type(cfg).__dataclass_fields__["val_fraction"].default
-    for key, present, unset, split in (
-        ("val_fraction", has_val, default_val, "val"),
-        ("test_fraction", has_test, 0.0, "test"),
-    ):
-        if present and getattr(cfg, key) != unset:
+    for key, present, split in (("val_fraction", has_val, "val"), ("test_fraction", has_test, "test")):
+        if present and is_set(cfg, key):
             raise ConfigError(
                 f"data.{key}={getattr(cfg, key)} is not used: {scan.split_dir(split)} holds the {split} "
                 f"images. Remove data.{key}, or move {split}/ out of data.root to have a share held out"
