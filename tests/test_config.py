@@ -98,7 +98,7 @@ def test_missing_weights_file_names_the_path(tmp_path):
         ("freeze=partial freeze.trainable_blocks=-1", "freeze.trainable_blocks=-1 must be an integer >= 0"),
         ("optim.layer_decay=1.5", r"optim.layer_decay=1.5 must be in \(0, 1\]"),
         ("optim.layer_decay=0", r"optim.layer_decay=0.0 must be in \(0, 1\]"),
-        ("optim.backbone_lr_mult=-0.1", "optim.backbone_lr_mult=-0.1 must be a number >= 0"),
+        ("optim.backbone_lr_mult=-0.1", "optim.backbone_lr_mult=-0.1 must be 'auto' or a number >= 0"),
         ("tune.min_lr=1", "tune.min_lr=1.0 and tune.max_lr=1.0"),
         ("optim.lr=-1", "optim.lr=-1"),
         ("data.name=mnist", "data.name='mnist'.*digits, cifar10, imagefolder"),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tests.conftest import run_tool
-from transferlab.config.schema import DEMO_METHODS
+from transferlab.config.schema import DEMO_METHODS, DemoConfig
 from transferlab.tools.demo import TARGET_METHODS, summarise
 
 
@@ -22,22 +22,27 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
     tiny = [
         "data.image_size=16",
+        "data.min_batches_per_epoch=0",
         "trainer.max_epochs=1",
+        "trainer.limit_train_batches=2",
         "trainer.limit_val_batches=1",
         "trainer.limit_test_batches=1",
     ]
     overrides = "overrides=[" + ",".join(f"'{o}'" for o in tiny) + "]"  # quoted: they hold '='
-    assert run_tool("demo", f"out={out}", "seeds=[42]", "shots=3", overrides) == 0
+    # ImageNet weights and the digits 0-4 source run (the probe and scratch differ only in overrides)
+    methods = ["imagenet_finetune", "digits_pretrained"]
+    assert (
+        run_tool("demo", f"out={out}", "seeds=[42]", "shots=3", f"methods=[{','.join(methods)}]", overrides)
+        == 0
+    )
     report = (out / "results.md").read_text()
-    for method in (
-        "full fine-tune (`full`)",
-        "linear probe (`linear_probe`)",
-        "from scratch (random init) (`scratch`)",
-    ):
-        assert f"| {method} |" in report
+    for slug in methods:
+        assert f"| {TARGET_METHODS[slug][0]} (`{slug}`) |" in report
     assert "3 labelled images per class" in report
-    assert (out / "full_seed42" / "metrics.json").is_file()
-    assert "Loaded backbone weights from" in (out / "full_seed42" / "train.log").read_text()
+    assert "Related task: ResNet-18 from scratch on digits 0-4" in report
+    finetune_log = (out / "imagenet_finetune_seed42" / "train.log").read_text()
+    assert "Loaded backbone weights from packaged:efficientnet_lite0:DEFAULT" in finetune_log
+    assert "Loaded backbone weights from" in (out / "digits_pretrained_seed42" / "train.log").read_text()
     assert "Loaded backbone weights from" not in capsys.readouterr().out  # the console shows the demo only
     capsys.readouterr()
     assert run_tool("demo", f"out={out}", overrides) != 0
@@ -46,3 +51,10 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
 
 def test_demo_methods_are_the_schemas_choices():
     assert tuple(TARGET_METHODS) == DEMO_METHODS
+    # make demo: ImageNet transfer three ways, and the related-task ResNet-18
+    assert DemoConfig().methods == [
+        "imagenet_finetune",
+        "imagenet_linear_probe",
+        "imagenet_scratch",
+        "digits_pretrained",
+    ]

@@ -142,6 +142,9 @@ class MLPHeadConfig(HeadConfig):
 # --- optim ------------------------------------------------------------------------------------------
 
 
+PRETRAINED_BACKBONE_LR_MULT = 0.1  # optim.backbone_lr_mult=auto with pretrained weights
+
+
 @dataclass
 class OptimConfig:
     """Our keys; each subclass adds its optimizer's own keyword arguments."""
@@ -156,7 +159,8 @@ class OptimConfig:
     _target_: str = MISSING  # a torch.optim.Optimizer class; sgd, adam, adamw, rmsprop have their own schema
     lr: float = MISSING  # the head's learning rate; backbone stages scale it
     weight_decay: float = 0.0
-    backbone_lr_mult: float = 1.0  # backbone LR = lr * this
+    # backbone LR = lr * this; auto = PRETRAINED_BACKBONE_LR_MULT with pretrained weights, 1 from scratch
+    backbone_lr_mult: Any = "auto"
     layer_decay: float | None = (
         None  # in (0, 1]: stage i of n gets lr * backbone_lr_mult * layer_decay ** (n - i)
     )
@@ -174,8 +178,20 @@ class OptimConfig:
             raise ConfigError(
                 f"optim.layer_decay={self.layer_decay!r} must be in (0, 1], or null for no decay"
             )
-        if self.backbone_lr_mult < 0:
-            raise ConfigError(f"optim.backbone_lr_mult={self.backbone_lr_mult!r} must be a number >= 0")
+        if self.backbone_lr_mult != "auto" and (
+            not isinstance(self.backbone_lr_mult, int | float)
+            or isinstance(self.backbone_lr_mult, bool)
+            or self.backbone_lr_mult < 0
+        ):
+            raise ConfigError(
+                f"optim.backbone_lr_mult={self.backbone_lr_mult!r} must be 'auto' or a number >= 0"
+            )
+
+    def resolve_backbone_lr_mult(self, pretrained: bool) -> None:
+        """`auto`: pretrained features adapt at a tenth of the new head's LR (at the head's LR they are
+        erased in the first steps: experiments/imagenet_transfer); a random backbone learns at the head's."""
+        if self.backbone_lr_mult == "auto":
+            self.backbone_lr_mult = PRETRAINED_BACKBONE_LR_MULT if pretrained else 1.0
 
     def optimizer_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of the torch optimizer: every field that is not ours, and `extra`."""
@@ -391,6 +407,9 @@ class DataConfig:
     std: list[float] | None = None
     interpolation: str | None = None  # null = the weights' interpolation
     batch_size: int = 32
+    # a training set smaller than this many batches is drawn several times per epoch (reshuffled each
+    # pass), so that 10 epochs of 20 labelled images are 200 optimizer steps, not 10; 0 = one pass
+    min_batches_per_epoch: int = 20
     num_workers: Any = "auto"  # auto = usable cores (per training process) - 1, at most 8; or a number
     imbalance: str = "none"  # none | class_weights (weighted loss) | sampler (weighted sampler) | focal
     class_fraction: Any = None  # keep a fraction of some classes' training images, e.g. {3: 0.1}
@@ -405,6 +424,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         check_int(self.batch_size, "data.batch_size", 1)
+        check_int(self.min_batches_per_epoch, "data.min_batches_per_epoch", 0)
         check_int(self.shots, "data.shots", 1, optional=True)
         check_seed(self.split_seed, "data.split_seed")
         check_seed(self.shots_seed, "data.shots_seed", optional=True)
@@ -478,7 +498,6 @@ class DigitsConfig(DataConfig):
     name: str = "digits"
     test_fraction: float = 0.2  # fixed stratified train/val/test split (60/20/20) by data.split_seed
     image_size: int | None = 32  # upsampled from 8x8; 224 would only cost time
-    batch_size: int = 64
     num_workers: Any = 0  # in memory: workers add only overhead
     allow_hflip: bool = False  # a mirrored digit is another glyph
     min_crop_scale: float | None = 0.8  # a smaller crop of an 8x8 digit cuts strokes off
@@ -717,6 +736,10 @@ class SummaryConfig:
 
 
 DEMO_METHODS = (
+    "imagenet_finetune",
+    "imagenet_linear_probe",
+    "imagenet_scratch",
+    "digits_pretrained",
     "scratch",
     "linear_probe",
     "partial",
@@ -730,11 +753,18 @@ DEMO_METHODS = (
 
 @dataclass
 class DemoConfig:
-    """`transferlab demo`: pretrain on digits 0-4, then compare methods on digits 5-9 with few labels."""
+    """`transferlab demo`: ImageNet transfer (and digits 0-4 pretraining) compared on digits 5-9 with few labels."""
 
     seeds: list[int] = field(default_factory=lambda: [1, 2, 3])  # one target-task run per seed and method
     shots: int | None = None  # labelled images per target class; null = the recipe's (2)
-    methods: list[str] = field(default_factory=lambda: ["full", "linear_probe", "scratch"])
+    methods: list[str] = field(
+        default_factory=lambda: [
+            "imagenet_finetune",
+            "imagenet_linear_probe",
+            "imagenet_scratch",
+            "digits_pretrained",
+        ]
+    )
     out: str | None = None  # the demo's directory; null = outputs/demo/<time>
     overrides: list[str] = field(default_factory=list)  # train.py overrides for every run
 

@@ -83,6 +83,7 @@ class TransferDataModule(L.LightningDataModule):
         self.splits: DataSplits | None = splits
         self._set_up = False
         self._fingerprints: dict[str, str] | None = None
+        self._logged_draws = False
         # model.cache_features: loaders yield (backbone features, label) from this cache, not images
         self.feature_cache: FeatureCache | None = None
 
@@ -210,11 +211,14 @@ class TransferDataModule(L.LightningDataModule):
             # its shuffling seed when its iterator is made (to send them indices), without any at the first
             # batch, and Lightning makes the first epoch's iterator before ReseedEachEpoch runs
             workers = min(workers, 1)
-        sampler = (
-            balanced_sampler(split.labels(), self.num_classes)
-            if train and self.imbalance == "sampler"
-            else None
-        )
+        draws = self.train_draws(len(dataset)) if train else len(dataset)
+        if train and self.imbalance == "sampler":
+            sampler = balanced_sampler(split.labels(), self.num_classes, draws)
+        elif train:
+            # without replacement: more draws than images are whole passes, each reshuffled
+            sampler = RandomSampler(dataset, num_samples=draws)
+        else:
+            sampler = None
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
@@ -224,15 +228,31 @@ class TransferDataModule(L.LightningDataModule):
             # makes the first epoch's iterator before that epoch starts, later ones after, so a draw from the
             # global RNG would shift a resumed epoch. (RandomSampler, and the weighted sampler of
             # imbalance=sampler, draw on the first batch.)
-            sampler=sampler if sampler is not None else RandomSampler(dataset) if train else None,
+            sampler=sampler,
             generator=torch.Generator().manual_seed(self.seed) if train else None,
             # a last batch of one image breaks batch norm in training mode
-            drop_last=train and len(dataset) % self.batch_size == 1,
+            drop_last=train and draws % self.batch_size == 1,
             num_workers=workers,
             persistent_workers=workers > 0,
             pin_memory=self._pin_memory(),
             collate_fn=MixingCollate(mixer) if mixer is not None else None,
         )
+
+    def train_draws(self, images: int) -> int:
+        """Training images drawn per epoch: every image once, or `data.min_batches_per_epoch` batches when
+        that is more (a tiny labelled set would otherwise give a few optimizer steps in the whole run)."""
+        passes = max(1, -(-self.cfg.min_batches_per_epoch * self.batch_size // images))  # whole passes:
+        draws = passes * images  # every image equally often
+        if passes > 1 and not self._logged_draws:
+            log.info(
+                "train: %d images, %d reshuffled passes per epoch (%d batches; data.min_batches_per_epoch=%d)",
+                images,
+                passes,
+                -(-draws // self.batch_size),
+                self.cfg.min_batches_per_epoch,
+            )
+            self._logged_draws = True
+        return draws
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)

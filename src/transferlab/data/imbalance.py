@@ -3,7 +3,8 @@
 - `class_weights`: cross-entropy weighted by N / (K * n_c) (scikit-learn's "balanced"): a class with
   half the average count weighs twice as much; on the training data the mean weight per image is 1.
 - `sampler`: a `WeightedRandomSampler` draws each image with probability proportional to 1 / n_c, so
-  every class is drawn equally often in expectation; an epoch has as many draws as training images.
+  every class is drawn equally often in expectation; an epoch has as many draws as training images
+  (or `data.min_batches_per_epoch` batches, when that is more).
 - `focal`: the focal loss (`models/losses.py`, `loss.focal_gamma`), which down-weights easy images.
 """
 
@@ -24,8 +25,11 @@ def class_weights(counts: Sequence[int]) -> list[float]:
     return (counts.sum() / (len(counts) * counts)).tolist()
 
 
-def balanced_sampler(labels: np.ndarray, num_classes: int) -> WeightedRandomSampler:
-    """Draws image i with probability proportional to 1 / n_{label(i)}, with replacement, len(labels) draws."""
+def balanced_sampler(labels: np.ndarray, num_classes: int, draws: int | None = None) -> WeightedRandomSampler:
+    """Draws image i with probability proportional to 1 / n_{label(i)}, with replacement, `draws` times
+    per epoch (default: as many as there are images)."""
     counts = np.bincount(labels, minlength=num_classes)
     weights = 1.0 / counts[labels]
-    return WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), len(labels), replacement=True)
+    return WeightedRandomSampler(
+        torch.as_tensor(weights, dtype=torch.double), draws or len(labels), replacement=True
+    )

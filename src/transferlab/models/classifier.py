@@ -19,7 +19,7 @@ from torchmetrics import MeanMetric
 
 from transferlab.backbones import Backbone, build_backbone, get_source, load_pretrained
 from transferlab.config import parse_group
-from transferlab.config.schema import LossConfig
+from transferlab.config.schema import LossConfig, OptimConfig
 from transferlab.errors import ConfigError
 from transferlab.finetune.freeze import FreezeCallback, FrozenStages, freeze_plan, resolve_bn_mode
 from transferlab.finetune.optim import StageParams, build_optimizer, build_scheduler
@@ -51,7 +51,7 @@ class ImageClassifier(L.LightningModule):
             )
         self.save_hyperparameters(logger=False)
         self.backbone_config = parse_group("backbone", backbone)
-        self.optim_config = parse_group("optim", optim)
+        self.optim_config = self._optim_config()
         self.scheduler_config = parse_group("scheduler", scheduler)
         freeze_config = parse_group("freeze", freeze)
         built = build_backbone(self.backbone_config.source, self.backbone_config.name)
@@ -90,7 +90,13 @@ class ImageClassifier(L.LightningModule):
     def set_lr(self, lr: float) -> None:
         """The head's learning rate (the LR finder's suggestion), also in the saved hyperparameters."""
         self.hparams.optim["lr"] = lr
-        self.optim_config = parse_group("optim", self.hparams.optim)
+        self.optim_config = self._optim_config()
+
+    def _optim_config(self) -> OptimConfig:
+        """optim as saved, with backbone_lr_mult=auto resolved by whether the backbone starts pretrained."""
+        config = parse_group("optim", self.hparams.optim)
+        config.resolve_backbone_lr_mult(pretrained=self.backbone_config.weights is not None)
+        return config
 
     @property
     def class_names(self) -> list[str]:

@@ -1,11 +1,15 @@
-"""`make demo`: the whole transfer-learning loop offline on scikit-learn's digits, in a few minutes on a CPU.
+"""`make demo`: transfer learning offline on scikit-learn's digits, in a few minutes on a CPU.
 
-1. pretrain ResNet-18 from scratch on digits 0-4 (the source task);
-2. fine-tune that backbone on digits 5-9 with a few labels per class (the target task);
-3. compare with a linear probe of the same backbone and with the same network trained from scratch.
-Each step is a plain `transferlab train experiment=...` run (in this process); the table goes to stdout and results.md.
+Target task: digits 5-9 with 2 labelled images per class (experiment=digits_fewshot). Default methods:
+1. EfficientNet-Lite0 from its ImageNet weights (the packaged ones), fine-tuned with train.yaml's defaults;
+2. the same network as a linear probe (frozen backbone, features cached);
+3. the same network from random weights;
+4. ResNet-18 pretrained from scratch on digits 0-4 ("a related task"; one source run), fine-tuned with
+   the defaults.
+Each run is a plain `transferlab train experiment=...` run (in this process); the table goes to stdout and
+results.md. `methods=` also takes the ResNet-18 recipes of experiments/finetune_strategies.
 
-    transferlab demo [seeds=[1,2,3]] [shots=2] [methods=[full,scratch]] [out=DIR] ['overrides=["trainer.max_epochs=5"]']
+    transferlab demo [seeds=[1,2,3]] [shots=2] [methods=[imagenet_finetune,imagenet_scratch]] [out=DIR] ['overrides=["trainer.max_epochs=5"]']
 """
 
 from __future__ import annotations
@@ -28,36 +32,59 @@ from transferlab.errors import ConfigError
 from transferlab.launch import claim_directory
 from transferlab.tools.app import hydra_tool, run_in_process
 
-WEIGHTS = "backbone.weights={pretrained}"  # the step-1 checkpoint
-# slug -> (label, experiment, overrides); every method trains the recipe's epochs on the same labelled images
+WEIGHTS = "backbone.weights={pretrained}"  # the source run's checkpoint (digits 0-4)
+ONE_LR = "optim.backbone_lr_mult=1"  # the recipes of experiments/finetune_strategies, as measured then
+LINEAR_PROBE = ["freeze=linear_probe", "augment=none", "optim.lr=0.1"]  # no augmentation: features cached
+# slug -> (label, experiment, overrides); every method trains on the same labelled images of the seed
 TARGET_METHODS = {
-    "scratch": ("from scratch (random init)", "digits_scratch", []),
-    "linear_probe": ("linear probe", "digits_finetune", [WEIGHTS, "freeze=linear_probe", "optim.lr=0.05"]),
-    "partial": (
-        "partial: last 2 stages",
+    "imagenet_finetune": (
+        "EfficientNet-Lite0, ImageNet weights, fine-tuned (defaults)",
+        "digits_fewshot",
+        [],
+    ),
+    "imagenet_linear_probe": (
+        "EfficientNet-Lite0, ImageNet weights, linear probe",
+        "digits_fewshot",
+        LINEAR_PROBE,
+    ),
+    "imagenet_scratch": ("EfficientNet-Lite0 from scratch", "digits_fewshot", ["backbone.weights=null"]),
+    "digits_pretrained": (
+        "ResNet-18 pretrained on digits 0-4, fine-tuned (defaults)",
+        "digits_fewshot",
+        ["backbone=resnet18", WEIGHTS],
+    ),
+    # ResNet-18 from digits 0-4 with the recipes of experiments/finetune_strategies (digits_finetune)
+    "scratch": ("ResNet-18 from scratch (random init)", "digits_scratch", []),
+    "linear_probe": (
+        "ResNet-18 linear probe",
         "digits_finetune",
-        [WEIGHTS, "freeze=partial", "freeze.trainable_blocks=2"],
+        [WEIGHTS, "freeze=linear_probe", "optim.lr=0.05"],
+    ),
+    "partial": (
+        "ResNet-18 partial: last 2 stages",
+        "digits_finetune",
+        [WEIGHTS, ONE_LR, "freeze=partial", "freeze.trainable_blocks=2"],
     ),
     "gradual": (
-        "gradual: head, layer4 at 10, all at 20",
+        "ResNet-18 gradual: head, layer4 at 10, all at 20",
         "digits_finetune",
-        [WEIGHTS, "freeze=gradual", "freeze.milestones=[10,20]", "freeze.bn=eval"],
+        [WEIGHTS, ONE_LR, "freeze=gradual", "freeze.milestones=[10,20]", "freeze.bn=eval"],
     ),
     "lp_ft": (
-        "LP-FT: head, then all at 10",
+        "ResNet-18 LP-FT: head, then all at 10",
         "digits_finetune",
-        [WEIGHTS, "freeze=gradual", "freeze.milestones=[10]", "freeze.bn=eval"],
+        [WEIGHTS, ONE_LR, "freeze=gradual", "freeze.milestones=[10]", "freeze.bn=eval"],
     ),
-    "full": ("full fine-tune", "digits_finetune", [WEIGHTS]),
+    "full": ("ResNet-18 full fine-tune", "digits_finetune", [WEIGHTS, ONE_LR]),
     "full_discriminative": (
-        "full, backbone LR x0.1",
+        "ResNet-18 full, backbone LR x0.1",
         "digits_finetune",
         [WEIGHTS, "optim.backbone_lr_mult=0.1"],
     ),
     "full_layer_decay": (
-        "full, layer decay 0.75",
+        "ResNet-18 full, layer decay 0.75",
         "digits_finetune",
-        [WEIGHTS, "optim.layer_decay=0.75"],
+        [WEIGHTS, ONE_LR, "optim.layer_decay=0.75"],
     ),
 }
 METRICS = ("test/acc", "test/f1", "val/acc")
@@ -128,12 +155,16 @@ def run(cfg: DictConfig) -> None:
 
 
 def run_demo(config: DemoConfig, out: Path) -> None:
-    """Pretrain, then each method and seed; the table to stdout and <out>/results.md."""
+    """The source run if a method needs it, then each method and seed; the table to stdout and <out>/results.md."""
     started = time.monotonic()
-    print(f"Demo directory: {out}\n[1/2] pretraining ResNet-18 on digits 0-4 (source task)", flush=True)
-    source = run_train(out / "pretrain", "digits_pretrain", config.overrides)
-    pretrained = source["best_ckpt"]
-    print("[2/2] digits 5-9 with few labels per class (target task)", flush=True)
+    print(f"Demo directory: {out}", flush=True)
+    needs_source = any(WEIGHTS in TARGET_METHODS[slug][2] for slug in config.methods)
+    source, pretrained = None, None
+    if needs_source:
+        print("[source] ResNet-18 from scratch on digits 0-4 (the related task)", flush=True)
+        source = run_train(out / "pretrain", "digits_pretrain", config.overrides)
+        pretrained = source["best_ckpt"]
+    print("[target] digits 5-9, few labels per class", flush=True)
     results: dict[str, list[dict]] = {}
     for slug in config.methods:
         label, experiment, overrides = TARGET_METHODS[slug]
@@ -147,9 +178,14 @@ def run_demo(config: DemoConfig, out: Path) -> None:
             results.setdefault(f"{label} (`{slug}`)", []).append(run)
     table = summarise(results)
     command = "transferlab demo " + " ".join(shlex.quote(arg) for arg in sys.argv[1:])  # as typed in a shell
+    source_line = (
+        f"Related task: ResNet-18 from scratch on digits 0-4 (test/acc {source['test/acc']:.3f}). "
+        if source is not None
+        else ""
+    )
     report = (
-        f"# Digits transfer demo\n\nSource: digits 0-4 (pretraining test/acc {source['test/acc']:.3f}). "
-        f"Target: digits 5-9, {_shots(out)} labelled images per class; val/test are the full held-out splits.\n\n"
+        f"# Transfer demo\n\n{source_line}Target: digits 5-9, {_shots(out)} labelled images per class; "
+        f"val/test are the full held-out splits.\n\n"
         f"{table}\nCommand: `{command.strip()}` ({time.monotonic() - started:.0f}s)\n"
     )
     (out / "results.md").write_text(report)

@@ -1,0 +1,78 @@
+"""The defaults' two mechanics (experiments/imagenet_transfer): a tiny labelled set is drawn in several
+reshuffled passes per epoch (data.min_batches_per_epoch), and a pretrained backbone learns at a tenth of
+the head's LR (optim.backbone_lr_mult=auto)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+
+from tests.conftest import FAST, compose_config, data_config
+from transferlab.build import build_model, preprocessing_for
+from transferlab.config import parse_group, parse_train_config
+from transferlab.config.schema import PRETRAINED_BACKBONE_LR_MULT
+from transferlab.data.datamodule import TransferDataModule
+from transferlab.data.transforms import Preprocessing
+from transferlab.errors import ConfigError
+
+TINY = Preprocessing(crop_size=8, resize_size=8)
+
+
+def train_loader(shots: int | None, batch_size: int, min_batches: int, imbalance: str = "none"):
+    values = {"name": "digits", "classes": [0, 1], "batch_size": batch_size, "imbalance": imbalance}
+    data = data_config({**values, "shots": shots, "min_batches_per_epoch": min_batches})
+    datamodule = TransferDataModule(data, TINY, seed=0)
+    datamodule.setup()
+    return datamodule.train_dataloader(), len(datamodule.splits.train.indices)
+
+
+def test_a_tiny_labelled_set_is_drawn_in_whole_reshuffled_passes():
+    loader, images = train_loader(shots=5, batch_size=4, min_batches=20)  # 10 images
+    assert images == 10
+    torch.manual_seed(0)
+    drawn = list(loader.sampler)
+    assert len(drawn) == 80 and len(loader) == 20  # 8 passes: the first whole number reaching 20 batches
+    assert Counter(drawn) == dict.fromkeys(range(10), 8)  # every image equally often
+    passes = [drawn[i : i + 10] for i in range(0, 80, 10)]
+    assert all(sorted(p) == list(range(10)) for p in passes)  # each pass a permutation
+    assert len({tuple(p) for p in passes}) > 1  # reshuffled, not repeated
+
+
+def test_a_set_of_enough_batches_is_drawn_once_and_zero_turns_it_off():
+    loader, images = train_loader(shots=None, batch_size=32, min_batches=2)
+    assert len(list(loader.sampler)) == images  # already more than 2 batches
+    loader, images = train_loader(shots=5, batch_size=4, min_batches=0)
+    assert len(list(loader.sampler)) == images == 10
+
+
+def test_the_balanced_sampler_draws_as_many_as_the_passes():
+    loader, _ = train_loader(shots=5, batch_size=4, min_batches=20, imbalance="sampler")
+    assert loader.sampler.num_samples == 80
+
+
+@pytest.mark.parametrize("value", [-1, "fast", 1.5])
+def test_min_batches_per_epoch_is_checked(value):
+    with pytest.raises(ConfigError, match="data.min_batches_per_epoch"):
+        data_config({"name": "digits", "min_batches_per_epoch": value})
+
+
+def backbone_lr_mult(tmp_path, *overrides: str) -> float:
+    """The backbone LR multiplier the model trains with, for train.yaml's defaults plus `overrides`."""
+    config = parse_train_config(compose_config([*FAST, *overrides], tmp_path))
+    model = build_model(config, ["a", "b"], preprocessing_for(config.backbone, config.data), None)
+    return model.optim_config.backbone_lr_mult
+
+
+def test_a_pretrained_backbone_learns_at_a_tenth_of_the_heads_lr_a_random_one_at_the_heads(tmp_path):
+    assert PRETRAINED_BACKBONE_LR_MULT == 0.1
+    assert backbone_lr_mult(tmp_path, "backbone.weights=DEFAULT") == 0.1  # nothing is loaded to build it
+    assert backbone_lr_mult(tmp_path, "backbone.weights=null") == 1.0
+    assert backbone_lr_mult(tmp_path, "backbone.weights=DEFAULT", "optim.backbone_lr_mult=0.5") == 0.5
+
+
+@pytest.mark.parametrize("value", ["fast", -0.1, True])
+def test_backbone_lr_mult_is_auto_or_a_number(value):
+    with pytest.raises(ConfigError, match=r"optim.backbone_lr_mult=.* must be 'auto' or a number >= 0"):
+        parse_group("optim", {"_target_": "torch.optim.SGD", "lr": 0.1, "backbone_lr_mult": value})
