@@ -18,24 +18,65 @@ from pathlib import Path
 from transferlab.tools.app import run_in_process
 
 HERE = Path(__file__).resolve().parent
-BACKBONES = {"lite0": ["backbone=efficientnet_lite0"]}
+# backbone -> its overrides; "{source}" is the checkpoint of the digits 0-4 source run (made on first use)
+BACKBONES = {
+    "lite0": ["backbone=efficientnet_lite0"],  # ImageNet weights; target: all 10 digits
+    # ResNet-18 pretrained from scratch on digits 0-4 (make demo's related task); target: digits 5-9
+    "resnet18_digits": ["backbone=resnet18", "backbone.weights={source}", "data.classes=[5,6,7,8,9]"],
+}
 RECIPES = {
+    # the defaults: full fine-tuning, backbone at a tenth of the head's LR (optim.backbone_lr_mult=auto),
+    # at least 20 batches an epoch (data.min_batches_per_epoch), batch 32
     "defaults": [],
+    "full_lr_all": ["optim.backbone_lr_mult=1"],  # the earlier default: one LR for every layer
     "lp_ft": ["experiment=finetune_small_data"],
     "linear_probe": ["freeze=linear_probe", "augment=none", "optim.lr=0.1"],
+    "linear_probe_50ep": ["freeze=linear_probe", "augment=none", "optim.lr=0.1", "trainer.max_epochs=50"],
     "scratch": ["backbone.weights=null"],
-    # candidates for new defaults: the backbone at a tenth of the head's LR, and more optimizer steps
-    "backbone_lr_0.1": ["optim.backbone_lr_mult=0.1"],
-    "backbone_lr_0.1_batch16": ["optim.backbone_lr_mult=0.1", "data.batch_size=16"],
+    "adamw": ["optim=adamw", "optim.lr=0.001"],
+    "no_warmup": ["scheduler.warmup_epochs=0"],
+    "one_pass": ["data.min_batches_per_epoch=0"],  # the defaults with one pass per epoch (few steps)
+    "backbone_lr_0.3": ["optim.backbone_lr_mult=0.3"],
+    "epochs_15": ["trainer.max_epochs=15"],  # the defaults, 1.5x the steps
+    "label_smoothing": ["loss.label_smoothing=0.1"],
+    # resnet18_digits only: the recipe tuned for this task in experiments/digits_transfer (make demo's
+    # former `full`: batch 10, 30 epochs of one pass, lr 0.01 on every layer)
+    "digits_tuned": ["experiment=digits_finetune", "optim.backbone_lr_mult=1"],
 }
+# Rows whose recipe ends in _v0 ran before the defaults changed (results.jsonl keeps their overrides):
+# one pass over the labelled images per epoch, digits batch 64, one LR for every layer.
 COMMON = ["data=digits", "callbacks.progress.mode=none", "logger=none", "test_after_fit=true"]
 
 
+def source_checkpoint(out: Path) -> str:
+    """The digits 0-4 source run of resnet18_digits (experiment=digits_pretrain, as make demo runs it)."""
+    run_dir = out / "runs" / "resnet18_digits_source"
+    if not (run_dir / "metrics.json").is_file():
+        overrides = [
+            "experiment=digits_pretrain",
+            *COMMON,
+            f"hydra.run.dir={run_dir}",
+            "hydra/job_logging=file_only",
+        ]
+        if run_in_process("train", overrides) != 0:
+            raise SystemExit(f"the source run failed: {run_dir}")
+    return json.loads((run_dir / "metrics.json").read_text())["best_ckpt"]
+
+
+def backbone_overrides(out: Path, backbone: str, recipe: str) -> list[str]:
+    overrides = BACKBONES[backbone]
+    if "backbone.weights=null" in RECIPES[recipe]:  # from scratch: no source weights
+        return [o for o in overrides if not o.startswith("backbone.weights=")]
+    if any("{source}" in o for o in overrides):
+        return [o.format(source=source_checkpoint(out)) for o in overrides]
+    return overrides
+
+
 def run_one(out: Path, backbone: str, shots: int | None, recipe: str, seed: int, image_size: int) -> dict:
-    run_dir = out / "runs" / f"{backbone}_{shots or 'all'}_{recipe}_{seed}"
+    run_dir = out / "runs" / f"{backbone}_{shots or 'all'}_{recipe}_{image_size}px_{seed}"
     overrides = [
         *COMMON,
-        *BACKBONES[backbone],
+        *backbone_overrides(out, backbone, recipe),
         *RECIPES[recipe],
         f"seed={seed}",
         f"data.image_size={image_size}",
@@ -61,23 +102,32 @@ def run_one(out: Path, backbone: str, shots: int | None, recipe: str, seed: int,
 
 
 def table(results: list[dict]) -> str:
+    """Mean ± std of test/acc over seeds per (backbone, image size, recipe), a column per labels/class."""
+    shots = sorted({r["shots"] or 10**9 for r in results})
+    labels = ["all" if n == 10**9 else str(n) for n in shots]
     rows = [
-        "| backbone | labels/class | recipe | test/acc mean ± std | seeds | s/run |",
-        "|---|---|---|---|---|---|",
+        "| backbone | px | recipe | " + " | ".join(f"{label}/class" for label in labels) + " | s/run |",
+        "|---|---|---|" + "---|" * len(labels) + "---|",
     ]
-    keys = sorted({(r["backbone"], r["shots"] or 10**9, r["recipe"]) for r in results})
-    for backbone, shots, recipe in keys:
+    for backbone, size, recipe in sorted({(r["backbone"], r["image_size"], r["recipe"]) for r in results}):
         runs = [
-            r
-            for r in results
-            if (r["backbone"], r["shots"] or 10**9, r["recipe"]) == (backbone, shots, recipe)
+            r for r in results if (r["backbone"], r["image_size"], r["recipe"]) == (backbone, size, recipe)
         ]
-        accs = [r["test/acc"] for r in runs if r["test/acc"] is not None]
-        spread = f" ± {statistics.stdev(accs):.3f}" if len(accs) > 1 else ""
-        mean = f"{statistics.mean(accs):.3f}{spread}" if accs else "failed"
-        seconds = statistics.mean(r["seconds"] for r in runs)
-        label = "all" if shots == 10**9 else shots
-        rows.append(f"| {backbone} | {label} | {recipe} | {mean} | {len(accs)} | {seconds:.0f} |")
+        cells = []
+        for n in shots:
+            accs = [r["test/acc"] for r in runs if (r["shots"] or 10**9) == n and r["test/acc"] is not None]
+            spread = f" ± {statistics.stdev(accs):.3f}" if len(accs) > 1 else ""
+            cells.append(
+                f"{statistics.mean(accs):.3f}{spread}" + ("" if len(accs) == 3 else f" ({len(accs)})")
+                if accs
+                else ""
+            )
+        seconds = "/".join(
+            f"{statistics.mean(r['seconds'] for r in runs if (r['shots'] or 10**9) == n):.0f}"
+            for n in shots
+            if any((r["shots"] or 10**9) == n for r in runs)
+        )
+        rows.append(f"| {backbone} | {size} | {recipe} | " + " | ".join(cells) + f" | {seconds} |")
     return "\n".join(rows)
 
 
