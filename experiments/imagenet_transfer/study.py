@@ -37,6 +37,9 @@ RECIPES = {
     "no_warmup": ["scheduler.warmup_epochs=0"],
     "one_pass": ["data.min_batches_per_epoch=0"],  # the defaults with one pass per epoch (few steps)
     "backbone_lr_0.3": ["optim.backbone_lr_mult=0.3"],
+    # can the head going first (LP-FT) or a longer warmup make one LR for every layer safe on lite0?
+    "lp_ft_lr_all": ["experiment=finetune_small_data", "optim.backbone_lr_mult=1"],
+    "warmup3_lr_all": ["optim.backbone_lr_mult=1", "scheduler.warmup_epochs=3"],
     "epochs_15": ["trainer.max_epochs=15"],  # the defaults, 1.5x the steps
     "label_smoothing": ["loss.label_smoothing=0.1"],
     # resnet18_digits only: the recipe tuned for this task in experiments/digits_transfer (make demo's
