@@ -83,7 +83,6 @@ class TransferDataModule(L.LightningDataModule):
         self.splits: DataSplits | None = splits
         self._set_up = False
         self._fingerprints: dict[str, str] | None = None
-        self._logged_draws = False
         # model.cache_features: loaders yield (backbone features, label) from this cache, not images
         self.feature_cache: FeatureCache | None = None
 
@@ -212,6 +211,14 @@ class TransferDataModule(L.LightningDataModule):
             # batch, and Lightning makes the first epoch's iterator before ReseedEachEpoch runs
             workers = min(workers, 1)
         draws = self.train_draws(len(dataset)) if train else len(dataset)
+        if draws > len(dataset):  # the train loader is made once per fit: logged once
+            log.info(
+                "train: %d images, %d reshuffled passes per epoch (%d batches; data.min_batches_per_epoch=%d)",
+                len(dataset),
+                draws // len(dataset),
+                -(-draws // self.batch_size),
+                self.cfg.min_batches_per_epoch,
+            )
         if train and self.imbalance == "sampler":
             sampler = balanced_sampler(split.labels(), self.num_classes, draws)
         elif train:
@@ -239,20 +246,11 @@ class TransferDataModule(L.LightningDataModule):
         )
 
     def train_draws(self, images: int) -> int:
-        """Training images drawn per epoch: every image once, or `data.min_batches_per_epoch` batches when
-        that is more (a tiny labelled set would otherwise give a few optimizer steps in the whole run)."""
-        passes = max(1, -(-self.cfg.min_batches_per_epoch * self.batch_size // images))  # whole passes:
-        draws = passes * images  # every image equally often
-        if passes > 1 and not self._logged_draws:
-            log.info(
-                "train: %d images, %d reshuffled passes per epoch (%d batches; data.min_batches_per_epoch=%d)",
-                images,
-                passes,
-                -(-draws // self.batch_size),
-                self.cfg.min_batches_per_epoch,
-            )
-            self._logged_draws = True
-        return draws
+        """Training images drawn per epoch: every image once, or whole passes up to
+        `data.min_batches_per_epoch` batches when that is more (a tiny labelled set would otherwise give a
+        few optimizer steps in the whole run). Each image is drawn equally often."""
+        passes = max(1, -(-self.cfg.min_batches_per_epoch * self.batch_size // images))
+        return passes * images
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)
