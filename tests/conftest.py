@@ -171,3 +171,34 @@ def _encoded(path: Path, image_format: str) -> bytes:
     with Image.open(path) as image:
         image.convert("RGB").save(buffer, image_format)
     return buffer.getvalue()
+
+
+TINY_CLASSES = {"cat": 8, "dog": 8, "fox": 8}
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """One tiny finished run on an image folder (3 classes, 40 px images, 32 px crops), calibrated:
+    the run directory, with checkpoints/best.ckpt, for the after-training tools (predict, export,
+    analyze). Tests must not change it (copy what they modify)."""
+    base = tmp_path_factory.mktemp("trained_run")
+    root = write_image_folder(
+        base / "data",
+        {"train": TINY_CLASSES, "val": dict.fromkeys(TINY_CLASSES, 4), "test": dict.fromkeys(TINY_CLASSES, 4)},
+        size=40,
+    )
+    run_dir = base / "run"
+    overrides = [
+        *[o for o in FAST if not o.startswith(("data.image_size", "trainer.limit_"))],
+        "data=imagefolder",
+        f"data.root={root}",
+        "data.image_size=32",
+        "data.batch_size=8",
+        "data.min_batches_per_epoch=0",
+        "trainer.max_epochs=3",
+        "logger=none",
+        "calibrate=true",
+        f"hydra.run.dir={run_dir}",
+    ]
+    assert run_tool("train", *overrides) == 0
+    return run_dir

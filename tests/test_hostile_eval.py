@@ -218,4 +218,4 @@ def test_training_only_data_keys_are_refused(run: Run, tmp_path):
     for key in ("data.imbalance=sampler", "data.allow_hflip=false", "data.min_crop_scale=0.9"):
         result = evaluate(run.ckpt, tmp_path / key.split("=")[0], key)
         assert result.status == 2
-        assert f"{key.split('=')[0]} is not read by eval.py: it shapes training only" in result.log
+        assert f"{key.split('=')[0]} is not read here: it shapes training only" in result.log

@@ -45,6 +45,11 @@ RECIPES = {
     # resnet18_digits only: the recipe tuned for this task in experiments/digits_transfer (make demo's
     # former `full`: batch 10, 30 epochs of one pass, lr 0.01 on every layer)
     "digits_tuned": ["experiment=digits_finetune", "optim.backbone_lr_mult=1"],
+    # lite0's collapse at one LR is a constant prediction with batch-norm statistics frozen (bn=auto ->
+    # eval from pretrained weights): do updated statistics or clipped gradients make one LR safe?
+    "lr_all_bn_train": ["optim.backbone_lr_mult=1", "freeze.bn=train"],
+    "lr_all_clip": ["optim.backbone_lr_mult=1", "trainer.gradient_clip_val=1.0"],
+    "bn_train": ["freeze.bn=train"],
 }
 # Rows whose recipe ends in _v0 ran before the defaults changed (results.jsonl keeps their overrides):
 # one pass over the labelled images per epoch, digits batch 64, one LR for every layer.
@@ -54,7 +59,8 @@ COMMON = ["data=digits", "callbacks.progress.mode=none", "logger=none", "test_af
 def source_checkpoint(out: Path) -> str:
     """The digits 0-4 source run of resnet18_digits (experiment=digits_pretrain, as make demo runs it)."""
     run_dir = out / "runs" / "resnet18_digits_source"
-    if not (run_dir / "metrics.json").is_file():
+    metrics = run_dir / "metrics.json"
+    if not metrics.is_file() or not Path(json.loads(metrics.read_text())["best_ckpt"]).is_file():
         overrides = [
             "experiment=digits_pretrain",
             *COMMON,

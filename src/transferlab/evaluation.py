@@ -79,24 +79,48 @@ def typed_data_keys(typed: list[str]) -> set[str]:
     return {key.removeprefix("data.") for key in keys if key.startswith("data.")}
 
 
+@dataclass
+class CheckpointData:
+    """A checkpoint's split, as eval, export's parity check and analyze read it."""
+
+    datamodule: TransferDataModule  # set up, its classes checked against the checkpoint's
+    preprocessing: Preprocessing
+    source: dict[str, Any]  # where the split's images come from (metrics.json's "split_source")
+
+
+def checkpoint_data(
+    checkpoint: dict[str, Any],
+    ckpt_path: str,
+    data_overrides: dict[str, Any] | None,
+    split: str,
+    seed: int,
+    output_dir: Path,
+) -> CheckpointData:
+    """The checkpoint's own data (with the `data.*` keys typed on top) and its `split`, never images the
+    checkpoint was trained on (see the module's docstring)."""
+    typed = command_line_overrides()
+    for key in sorted(typed_data_keys(typed) & set(TRAINING_ONLY_KEYS)):
+        raise ConfigError(f"data.{key} is not read here: it shapes training only. Remove it")
+    data = keep_runs_split_keys(checkpoint, eval_data_config(checkpoint, data_overrides), typed)
+    preprocessing = eval_preprocessing(checkpoint, data, typed)
+    log.info("Preprocessing: %s", preprocessing)
+    chosen = choose_split(checkpoint, ckpt_path, data, split, output_dir)
+    datamodule = TransferDataModule(data, preprocessing, seed=seed, splits=chosen.splits)
+    datamodule.setup()
+    check_checkpoint_classes(checkpoint, ckpt_path, datamodule.class_names)
+    if chosen.needs_proof:
+        chosen.source.update(check_remade_split(checkpoint, ckpt_path, datamodule, split))
+    return CheckpointData(datamodule, preprocessing, chosen.source)
+
+
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Test `ckpt_path` on `split`; writes metrics.json into the eval run directory and returns it."""
     config = parse_eval_config(cfg)
     checkpoint = read_checkpoint(config.ckpt_path, trust=config.trust_checkpoint)
     L.seed_everything(config.seed, workers=True)
-    typed = command_line_overrides()
-    for key in sorted(typed_data_keys(typed) & set(TRAINING_ONLY_KEYS)):
-        raise ConfigError(f"data.{key} is not read by eval.py: it shapes training only. Remove it")
-    data = keep_runs_split_keys(checkpoint, eval_data_config(checkpoint, config.data), typed)
-    preprocessing = eval_preprocessing(checkpoint, data, typed)
-    log.info("Preprocessing: %s", preprocessing)
     output_dir = Path(config.paths.output_dir)
-    chosen = choose_split(checkpoint, config.ckpt_path, data, config.split, output_dir)
-    datamodule = TransferDataModule(data, preprocessing, seed=config.seed, splits=chosen.splits)
-    datamodule.setup()
-    check_checkpoint_classes(checkpoint, config.ckpt_path, datamodule.class_names)
-    if chosen.needs_proof:
-        chosen.source.update(check_remade_split(checkpoint, config.ckpt_path, datamodule, config.split))
+    data = checkpoint_data(checkpoint, config.ckpt_path, config.data, config.split, config.seed, output_dir)
+    datamodule = data.datamodule
     model = ImageClassifier.load_from_checkpoint(
         config.ckpt_path, map_location="cpu", weights_only=not config.trust_checkpoint
     )
@@ -110,9 +134,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         {
             "ckpt_path": str(Path(config.ckpt_path).resolve()),
             "split": config.split,
-            "split_source": chosen.source,
+            "split_source": data.source,
             "class_names": datamodule.class_names,
-            "preprocessing": preprocessing.to_dict(),
+            "preprocessing": data.preprocessing.to_dict(),
         }
     )
     if trainer.is_global_zero:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -27,10 +28,12 @@ from transferlab.build import (
 from transferlab.checkpoints import check_checkpoint_classes, read_checkpoint
 from transferlab.config import TrainConfig, parse_train_config
 from transferlab.data.datamodule import TransferDataModule
-from transferlab.files import ERROR_FILE, METRICS_FILE, keep_earlier, save_traceback, write_json
+from transferlab.errors import ConfigError
+from transferlab.files import ERROR_FILE, METRICS_FILE, atomic_write, keep_earlier, save_traceback, write_json
 from transferlab.finetune.feature_cache import FeatureCache, use_feature_cache
 from transferlab.finetune.lr_find import find_lr
 from transferlab.launch import check_multirun_processes
+from transferlab.models.calibration import calibrate
 from transferlab.models.classifier import ImageClassifier
 from transferlab.models.speed import apply_speed_options
 from transferlab.resume import ReseedEachEpoch, start_checkpoint
@@ -91,6 +94,32 @@ def final_metrics(
         }
     )
     return metrics
+
+
+def calibrate_best_checkpoint(
+    model: ImageClassifier, datamodule: TransferDataModule, best: str | None
+) -> dict[str, Any]:
+    """Fit a temperature on the val split to the best checkpoint's logits and store it in that
+    checkpoint (checkpoint["calibration"], rewritten atomically): predict, export and analyze use it."""
+    if best is None:  # parse refuses calibrate=true without the callback; it saved nothing (no val epoch)
+        raise ConfigError("calibrate=true: the run saved no best.ckpt to calibrate")
+    state = read_checkpoint(best)
+    model.load_state_dict(state["state_dict"])
+    logits, targets = model.logits_of(datamodule.val_dataloader())
+    calibration = calibrate(logits, targets, split="val").to_dict()
+    state["calibration"] = calibration
+    atomic_write(best, lambda f: torch.save(state, f))
+    log.info(
+        "Calibration on val (%d images): temperature %.3f; NLL %.4f -> %.4f, ECE %.4f -> %.4f (stored in %s)",
+        calibration["images"],
+        calibration["temperature"],
+        calibration["nll_before"],
+        calibration["nll_after"],
+        calibration["ece_before"],
+        calibration["ece_after"],
+        best,
+    )
+    return calibration
 
 
 def per_class_recall_table(metrics: dict[str, Any], counts: dict[str, dict[str, int]]) -> str:
@@ -170,6 +199,8 @@ def _fit_and_evaluate(config: TrainConfig, output_dir: Path) -> dict[str, Any]:
             config = replace(config, optim=replace(config.optim, lr=lr))
         trainer.fit(model, datamodule=datamodule, ckpt_path=config.ckpt_path)
         metrics = final_metrics(trainer, model, datamodule, test=config.test_after_fit)
+        if config.calibrate and trainer.is_global_zero:
+            metrics["calibration"] = calibrate_best_checkpoint(model, datamodule, metrics["best_ckpt"])
         if trainer.is_global_zero:
             write_json(output_dir / METRICS_FILE, metrics)
             log_final_hparams(loggers, _flat_hparams(config), metrics)

@@ -181,6 +181,12 @@ def _check_unused_settings(config: s.TrainConfig) -> None:
             f"augment.crop_scale={list(augment.crop_scale)} lies below data.min_crop_scale={data.min_crop_scale} "
             f"(data={data.name}: smaller crops would change the label): raise it"
         )
+    checkpoints = [node for node in (config.callbacks or {}).values() if isinstance(node, Mapping)]
+    if config.calibrate and not any(node.get("monitor") and node.get("filename") for node in checkpoints):
+        raise ConfigError(
+            "calibrate=true stores the temperature in best.ckpt, which callbacks.model_checkpoint makes: "
+            "keep that callback (with a monitor)"
+        )
     root_dir = trainer_arg(config.trainer, "default_root_dir")
     if root_dir is not None and str(root_dir) != config.paths.output_dir:
         raise ConfigError(

@@ -89,6 +89,11 @@ def check_seed(value: Any, key: str, optional: bool = False) -> None:
         raise ConfigError(f"{key}={value} must be at most {MAX_SEED}")
 
 
+def check_num_workers(value: Any, key: str) -> None:
+    if value != "auto" and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+        raise ConfigError(f"{key}={value!r} must be 'auto' or an integer >= 0")
+
+
 def check_range(value: float | None, key: str, low: float, high: float, text: str) -> None:
     """`text` states the range as the user reads it, e.g. '(0, 1]'; low and high are inclusive."""
     if value is not None and not low <= value <= high:
@@ -430,12 +435,7 @@ class DataConfig:
         check_seed(self.shots_seed, "data.shots_seed", optional=True)
         check_int(self.image_size, "data.image_size", MIN_IMAGE_SIZE, optional=True)
         check_int(self.max_image_pixels, "data.max_image_pixels", 1)
-        if self.num_workers != "auto" and (
-            not isinstance(self.num_workers, int)
-            or isinstance(self.num_workers, bool)
-            or self.num_workers < 0
-        ):
-            raise ConfigError(f"data.num_workers={self.num_workers!r} must be 'auto' or an integer >= 0")
+        check_num_workers(self.num_workers, "data.num_workers")
         check_choice(self.imbalance, "data.imbalance", IMBALANCE_OPTIONS)
         check_choice(self.scan, "data.scan", SCAN_MODES)
         check_choice(self.empty_classes, "data.empty_classes", EMPTY_CLASS_POLICIES)
@@ -675,6 +675,9 @@ class TrainConfig:
     ckpt_path: str | None = None  # start a new run from this checkpoint's full state
     resume: str | None = None  # a run directory: continue that run (its config, last.ckpt, directory)
     test_after_fit: bool = True  # test the best checkpoint when the data has a test split
+    # fit a temperature on the val split to the best checkpoint's logits (LBFGS on the NLL) and store it
+    # in best.ckpt: predict, export and analyze use it; metrics.json gets the ECE before and after
+    calibrate: bool = False
     loss: LossConfig = field(default_factory=LossConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
@@ -733,6 +736,87 @@ class SummaryConfig:
     def __post_init__(self) -> None:
         if self.mode is not None:
             check_choice(self.mode, "mode", ("max", "min"))
+
+
+TTA_MODES = ("none", "hflip", "five_crop")
+EXPORT_FORMATS = ("onnx", "torchscript")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class PredictConfig:
+    """`transferlab predict`: class probabilities for new images, from a checkpoint or an exported model."""
+
+    task_name: str = "predict"
+    ckpt_path: str | None = None  # a checkpoint of ours (outputs/runs/<run>/checkpoints/best.ckpt), or:
+    model_path: str | None = None  # an exported model.onnx / model.pt, with its model.json beside it
+    inputs: str = MISSING  # an image file, a folder (searched recursively), a glob, or a .txt of paths
+    top_k: int = 1  # classes (with probabilities) per image in predictions.csv
+    tta: str = "none"  # test-time augmentation, averaged probabilities: none | hflip | five_crop
+    batch_size: int = 32
+    num_workers: Any = "auto"  # loader processes: auto = usable cores - 1, at most 8; or a number
+    write_json: bool = False  # also predictions.json
+    device: str = "auto"  # auto (cuda when there is one) | cpu | cuda; for checkpoints and TorchScript
+    trust_checkpoint: bool = False  # true loads the checkpoint with full unpickling (files you trust only)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+    def __post_init__(self) -> None:
+        if (self.ckpt_path is None) == (self.model_path is None):
+            raise ConfigError("give one of ckpt_path=<checkpoint> or model_path=<exported model file>")
+        check_int(self.top_k, "top_k", 1)
+        check_int(self.batch_size, "batch_size", 1)
+        check_choice(self.tta, "tta", TTA_MODES)
+        check_choice(self.device, "device", DEVICES)
+        check_num_workers(self.num_workers, "num_workers")
+
+
+@dataclass
+class ExportConfig:
+    """`transferlab export`: a deployable model file with its model.json, parity-checked before success."""
+
+    task_name: str = "export"
+    ckpt_path: str = MISSING  # a checkpoint of ours
+    format: str = "onnx"  # onnx | torchscript
+    opset: int = 18  # ONNX opset (format=onnx)
+    parity_images: int | None = 128  # images of the checkpoint's val split the check runs; null = all
+    parity_atol: float = 1e-4  # largest absolute logit difference allowed (fp32)
+    seed: int = 42
+    trust_checkpoint: bool = False
+    data: Any = MISSING  # the checkpoint's data config (for its val split), with any key given here on top
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+    def __post_init__(self) -> None:
+        check_choice(self.format, "format", EXPORT_FORMATS)
+        check_int(self.opset, "opset", 7)
+        check_int(self.parity_images, "parity_images", 1, optional=True)
+        check_range(self.parity_atol, "parity_atol", 0.0, float("inf"), ">= 0")
+        check_seed(self.seed, "seed")
+
+
+@dataclass
+class AnalyzeConfig:
+    """`transferlab analyze`: what a checkpoint gets wrong on a split, as report/ and report.html."""
+
+    task_name: str = "analyze"
+    ckpt_path: str = MISSING
+    split: str = "test"  # train | val | test
+    top_losses: int = 16  # the most confidently wrong images in the gallery
+    gradcam_images: int = 8  # images with Grad-CAM overlays (0 = none)
+    calibration_bins: int = 15  # confidence bins of the ECE and the reliability diagram
+    device: str = "auto"
+    seed: int = 42
+    trust_checkpoint: bool = False
+    data: Any = MISSING  # the checkpoint's data config, with any key given here on top
+    logger: Any = None  # {name: a Lightning logger config}: the report's images go there too
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+    def __post_init__(self) -> None:
+        check_choice(self.split, "split", SPLITS)
+        check_int(self.top_losses, "top_losses", 0)
+        check_int(self.gradcam_images, "gradcam_images", 0)
+        check_int(self.calibration_bins, "calibration_bins", 1)
+        check_choice(self.device, "device", DEVICES)
+        check_seed(self.seed, "seed")
 
 
 DEMO_METHODS = (

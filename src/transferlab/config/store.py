@@ -90,6 +90,9 @@ def register_configs() -> None:
     store.store(group="schema", name="eval", node=s.EvalConfig)
     store.store(group="schema", name="summary", node=s.SummaryConfig)
     store.store(group="schema", name="demo", node=s.DemoConfig)
+    store.store(group="schema", name="predict", node=s.PredictConfig)
+    store.store(group="schema", name="export", node=s.ExportConfig)
+    store.store(group="schema", name="analyze", node=s.AnalyzeConfig)
     store.store(group="data", name="from_checkpoint", node=_data_overrides())
     register_resolvers()
 

@@ -105,6 +105,22 @@ class ImageClassifier(L.LightningModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(images))
 
+    @torch.no_grad()
+    def logits_of(self, loader: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, targets) of every batch of `loader` (images, or features when inputs_are_features),
+        in eval mode on this model's device; the model's mode is restored after."""
+        was_training = self.training
+        self.eval()
+        outputs, targets = [], []
+        try:
+            for inputs, batch_targets in loader:
+                inputs = inputs.to(self.device)
+                outputs.append((self.head(inputs) if self.inputs_are_features else self(inputs)).float().cpu())
+                targets.append(batch_targets.cpu())
+        finally:
+            self.train(was_training)
+        return torch.cat(outputs), torch.cat(targets)
+
     def configure_callbacks(self) -> list[Callback]:
         """Whatever trainer fits this model runs its freeze schedule (once: fit, validate and test
         of one trainer ask again)."""
