@@ -18,7 +18,7 @@ LAYERS = {
     "facts": ("errors", "runtime", "files", "downloads"),
     "config": ("config",),
     "parts": ("backbones", "data", "models", "finetune"),
-    "run": ("build", "training", "evaluation", "checkpoints", "resume", "launch", "callbacks", "sweep"),
+    "run": ("build", "training", "evaluation", "checkpoints", "resume", "launch", "callbacks", "sweep", "inference"),
     "tools": ("tools", "__main__"),
 }
 RANK = {top: rank for rank, names in enumerate(LAYERS.values()) for top in names}
