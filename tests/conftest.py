@@ -184,7 +184,11 @@ def trained_run(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("trained_run")
     root = write_image_folder(
         base / "data",
-        {"train": TINY_CLASSES, "val": dict.fromkeys(TINY_CLASSES, 4), "test": dict.fromkeys(TINY_CLASSES, 4)},
+        {
+            "train": TINY_CLASSES,
+            "val": dict.fromkeys(TINY_CLASSES, 4),
+            "test": dict.fromkeys(TINY_CLASSES, 4),
+        },
         size=40,
     )
     run_dir = base / "run"

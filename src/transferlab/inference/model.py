@@ -121,7 +121,9 @@ def load_inference_model(ckpt_path: str | Path, trust: bool = False) -> tuple[In
     from transferlab.models.classifier import ImageClassifier
 
     checkpoint = read_checkpoint(ckpt_path, trust=trust)
-    classifier = ImageClassifier(**checkpoint["hyper_parameters"])  # what load_from_checkpoint does, read once
+    classifier = ImageClassifier(
+        **checkpoint["hyper_parameters"]
+    )  # what load_from_checkpoint does, read once
     classifier.load_state_dict(checkpoint["state_dict"])
     model = InferenceModel(classifier.backbone, classifier.head, stored_temperature(checkpoint))
     return model, checkpoint_card(checkpoint, ckpt_path)

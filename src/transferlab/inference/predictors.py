@@ -82,7 +82,9 @@ def open_exported(model_path: str | Path, device: str = "auto") -> Predictor:
         raise ConfigError(f"model_path={path}: no such file")
     card = ModelCard.read(path)
     if card.format != form:
-        raise ConfigError(f"model_path={path} is {form}, but its {path.parent / 'model.json'} describes {card.format}")
+        raise ConfigError(
+            f"model_path={path} is {form}, but its {path.parent / 'model.json'} describes {card.format}"
+        )
     if form == "onnx":
         return OnnxPredictor(path, card)
     try:

@@ -115,7 +115,9 @@ class ImageClassifier(L.LightningModule):
         try:
             for inputs, batch_targets in loader:
                 inputs = inputs.to(self.device)
-                outputs.append((self.head(inputs) if self.inputs_are_features else self(inputs)).float().cpu())
+                outputs.append(
+                    (self.head(inputs) if self.inputs_are_features else self(inputs)).float().cpu()
+                )
                 targets.append(batch_targets.cpu())
         finally:
             self.train(was_training)

@@ -1,0 +1,9 @@
+"""Predict new images: `python predict.py ckpt_path=outputs/runs/.../checkpoints/best.ckpt inputs=DIR`.
+
+The same Hydra app as `transferlab predict` (transferlab/tools/predict.py, conf/predict.yaml).
+"""
+
+from transferlab.tools.predict import main
+
+if __name__ == "__main__":
+    main()
