@@ -213,6 +213,12 @@ def parse_eval_config(cfg: DictConfig) -> s.EvalConfig:
     return config
 
 
+def parse_tool_config(cfg: DictConfig, schema: type, config_name: str) -> Any:
+    """A tool's config (predict.yaml, export.yaml, analyze.yaml) as its schema; a `data` node stays the
+    mapping of the keys that were set, as eval's (see `evaluation.eval_data_config`)."""
+    return build(schema, _plain_config(cfg), "", config_name)
+
+
 def _trainer_parameters() -> Mapping[str, inspect.Parameter]:
     import lightning as L
 

@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from transferlab.config.parse import build
+from transferlab.config.parse import parse_tool_config
 from transferlab.config.schema import PIL_MAX_PIXELS, PredictConfig
 from transferlab.data.datamodule import resolve_num_workers
 from transferlab.data.images import is_image_name, set_pixel_limit, to_rgb
@@ -217,7 +217,7 @@ def check_tta(card: ModelCard, tta: str, model: str) -> None:
 
 def predict(cfg: DictConfig) -> dict[str, Any]:
     """Predict every input; write predictions.csv (and .json), predict_errors.csv when files failed."""
-    config = build(PredictConfig, OmegaConf.to_container(cfg, resolve=True), "", "predict.yaml")
+    config = parse_tool_config(cfg, PredictConfig, "predict.yaml")
     paths = collect_inputs(config.inputs)  # a missing input fails before the model is read
     predictor = open_predictor(config)
     card = predictor.card

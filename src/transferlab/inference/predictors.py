@@ -4,6 +4,7 @@ logits, and carries its model card."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Protocol
 
@@ -88,7 +89,9 @@ def open_exported(model_path: str | Path, device: str = "auto") -> Predictor:
     if form == "onnx":
         return OnnxPredictor(path, card)
     try:
-        module = torch.jit.load(str(path), map_location="cpu")
+        with warnings.catch_warnings():  # torch 2.14 deprecates TorchScript; the file is still what was asked
+            warnings.filterwarnings("ignore", r"`torch\.jit\.\w+` is deprecated", FutureWarning)
+            module = torch.jit.load(str(path), map_location="cpu")
     except Exception as err:
         raise ConfigError(f"model_path={path} is not a TorchScript file ({type(err).__name__})") from err
     return TorchPredictor(module, card, resolve_device(device))
