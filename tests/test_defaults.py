@@ -1,6 +1,7 @@
-"""The defaults' two mechanics (experiments/imagenet_transfer): a tiny labelled set is drawn in several
-reshuffled passes per epoch (data.min_batches_per_epoch), and a pretrained backbone learns at a tenth of
-the head's LR (optim.backbone_lr_mult=auto)."""
+"""The defaults' mechanics (experiments/imagenet_transfer): a tiny labelled set is drawn in several
+reshuffled passes per epoch (data.min_batches_per_epoch), and the backbone trains at the head's LR with its
+batch-norm statistics following the new data (optim.backbone_lr_mult=1, freeze.bn=train); `auto`, the
+earlier default of both, keeps its meaning for the configs and checkpoints that name it."""
 
 from __future__ import annotations
 
@@ -58,18 +59,31 @@ def test_min_batches_per_epoch_is_checked(value):
         data_config({"name": "digits", "min_batches_per_epoch": value})
 
 
-def backbone_lr_mult(tmp_path, *overrides: str) -> float:
-    """The backbone LR multiplier the model trains with, for train.yaml's defaults plus `overrides`."""
+def built_model(tmp_path, *overrides: str):
+    """The model train.yaml's defaults plus `overrides` build (nothing is loaded to build it)."""
     config = parse_train_config(compose_config([*FAST, *overrides], tmp_path))
-    model = build_model(config, ["a", "b"], preprocessing_for(config.backbone, config.data), None)
-    return model.optim_config.backbone_lr_mult
+    return build_model(config, ["a", "b"], preprocessing_for(config.backbone, config.data), None)
 
 
-def test_a_pretrained_backbone_learns_at_a_tenth_of_the_heads_lr_a_random_one_at_the_heads(tmp_path):
+def test_the_backbone_trains_at_the_heads_lr_with_batch_norm_statistics_updated(tmp_path):
+    for weights in ("DEFAULT", "null"):
+        model = built_model(tmp_path, f"backbone.weights={weights}")
+        assert model.optim_config.backbone_lr_mult == 1.0
+        assert model.frozen_stages.bn_mode == "train"
+        model.train()
+        assert all(m.training for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def test_auto_keeps_its_earlier_meaning(tmp_path):
+    """auto: a tenth of the head's LR and the pretrained statistics from pretrained weights; 1 and
+    updated statistics from random ones."""
     assert PRETRAINED_BACKBONE_LR_MULT == 0.1
-    assert backbone_lr_mult(tmp_path, "backbone.weights=DEFAULT") == 0.1  # nothing is loaded to build it
-    assert backbone_lr_mult(tmp_path, "backbone.weights=null") == 1.0
-    assert backbone_lr_mult(tmp_path, "backbone.weights=DEFAULT", "optim.backbone_lr_mult=0.5") == 0.5
+    auto = ["optim.backbone_lr_mult=auto", "freeze.bn=auto"]
+    pretrained = built_model(tmp_path, "backbone.weights=DEFAULT", *auto)
+    assert (pretrained.optim_config.backbone_lr_mult, pretrained.frozen_stages.bn_mode) == (0.1, "eval")
+    scratch = built_model(tmp_path, "backbone.weights=null", *auto)
+    assert (scratch.optim_config.backbone_lr_mult, scratch.frozen_stages.bn_mode) == (1.0, "train")
+    assert built_model(tmp_path, "optim.backbone_lr_mult=0.5").optim_config.backbone_lr_mult == 0.5
 
 
 @pytest.mark.parametrize("value", ["fast", -0.1, True])

@@ -24,35 +24,41 @@ BACKBONES = {
     # ResNet-18 pretrained from scratch on digits 0-4 (make demo's related task); target: digits 5-9
     "resnet18_digits": ["backbone=resnet18", "backbone.weights={source}", "data.classes=[5,6,7,8,9]"],
 }
+# The previous defaults, pinned so that their rows stay reproducible: the backbone at a tenth of the head's
+# LR with batch-norm statistics frozen (the first release: one LR, statistics frozen = full_lr_all).
+X01_BN_EVAL = ["optim.backbone_lr_mult=0.1", "freeze.bn=eval"]
 RECIPES = {
-    # the defaults: full fine-tuning, backbone at a tenth of the head's LR (optim.backbone_lr_mult=auto),
-    # at least 20 batches an epoch (data.min_batches_per_epoch), batch 32
+    # the defaults: full fine-tuning, one LR for every layer (optim.backbone_lr_mult=1), batch-norm statistics
+    # updated (freeze.bn=train), at least 20 batches an epoch (data.min_batches_per_epoch), batch 32
     "defaults": [],
-    "full_lr_all": ["optim.backbone_lr_mult=1"],  # the earlier default: one LR for every layer
+    "x0.1_bn_eval": X01_BN_EVAL,  # the defaults before (rows measured as "defaults" then)
+    # the first release's: one LR, statistics frozen
+    "full_lr_all": ["optim.backbone_lr_mult=1", "freeze.bn=eval"],
     "lp_ft": ["experiment=finetune_small_data"],
     "linear_probe": ["freeze=linear_probe", "augment=none", "optim.lr=0.1"],
     "linear_probe_50ep": ["freeze=linear_probe", "augment=none", "optim.lr=0.1", "trainer.max_epochs=50"],
     "scratch": ["backbone.weights=null"],
-    "adamw": ["optim=adamw", "optim.lr=0.001"],
-    "no_warmup": ["scheduler.warmup_epochs=0"],
-    "one_pass": ["data.min_batches_per_epoch=0"],  # the defaults with one pass per epoch (few steps)
-    "backbone_lr_0.3": ["optim.backbone_lr_mult=0.3"],
+    # variations of x0.1_bn_eval:
+    "adamw": [*X01_BN_EVAL, "optim=adamw", "optim.lr=0.001"],
+    "no_warmup": [*X01_BN_EVAL, "scheduler.warmup_epochs=0"],
+    "one_pass": [*X01_BN_EVAL, "data.min_batches_per_epoch=0"],  # one pass per epoch (few steps)
+    "backbone_lr_0.3": ["optim.backbone_lr_mult=0.3", "freeze.bn=eval"],
+    "epochs_15": [*X01_BN_EVAL, "trainer.max_epochs=15"],  # 1.5x the steps
+    "label_smoothing": [*X01_BN_EVAL, "loss.label_smoothing=0.1"],
     # can the head going first (LP-FT) or a longer warmup make one LR for every layer safe on lite0?
     "lp_ft_lr_all": ["experiment=finetune_small_data", "optim.backbone_lr_mult=1"],
-    "warmup3_lr_all": ["optim.backbone_lr_mult=1", "scheduler.warmup_epochs=3"],
-    "epochs_15": ["trainer.max_epochs=15"],  # the defaults, 1.5x the steps
-    "label_smoothing": ["loss.label_smoothing=0.1"],
+    "warmup3_lr_all": ["optim.backbone_lr_mult=1", "freeze.bn=eval", "scheduler.warmup_epochs=3"],
     # resnet18_digits only: the recipe tuned for this task in experiments/digits_transfer (make demo's
     # former `full`: batch 10, 30 epochs of one pass, lr 0.01 on every layer)
     "digits_tuned": ["experiment=digits_finetune", "optim.backbone_lr_mult=1"],
-    # lite0's collapse at one LR is a constant prediction with batch-norm statistics frozen (bn=auto ->
-    # eval from pretrained weights): do updated statistics or clipped gradients make one LR safe?
-    "lr_all_bn_train": ["optim.backbone_lr_mult=1", "freeze.bn=train"],
-    "lr_all_clip": ["optim.backbone_lr_mult=1", "trainer.gradient_clip_val=1.0"],
-    "bn_train": ["freeze.bn=train"],
+    # lite0's collapse at one LR is a constant prediction with batch-norm statistics frozen (bn eval):
+    # updated statistics make one LR safe (-> the defaults); clipped gradients do not do as well
+    "lr_all_clip": ["optim.backbone_lr_mult=1", "freeze.bn=eval", "trainer.gradient_clip_val=1.0"],
 }
 # Rows whose recipe ends in _v0 ran before the defaults changed (results.jsonl keeps their overrides):
 # one pass over the labelled images per epoch, digits batch 64, one LR for every layer.
+# Rows of "defaults" measured before the batch-norm study are labelled x0.1_bn_eval (their overrides: []),
+# and the study's "lr_all_bn_train" rows (optim.backbone_lr_mult=1 freeze.bn=train) are the "defaults" now.
 COMMON = ["data=digits", "callbacks.progress.mode=none", "logger=none", "test_after_fit=true"]
 
 

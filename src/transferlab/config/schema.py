@@ -147,7 +147,7 @@ class MLPHeadConfig(HeadConfig):
 # --- optim ------------------------------------------------------------------------------------------
 
 
-PRETRAINED_BACKBONE_LR_MULT = 0.1  # optim.backbone_lr_mult=auto with pretrained weights
+PRETRAINED_BACKBONE_LR_MULT = 0.1  # optim.backbone_lr_mult=auto with pretrained weights (the earlier default)
 
 
 @dataclass
@@ -164,8 +164,11 @@ class OptimConfig:
     _target_: str = MISSING  # a torch.optim.Optimizer class; sgd, adam, adamw, rmsprop have their own schema
     lr: float = MISSING  # the head's learning rate; backbone stages scale it
     weight_decay: float = 0.0
-    # backbone LR = lr * this; auto = PRETRAINED_BACKBONE_LR_MULT with pretrained weights, 1 from scratch
-    backbone_lr_mult: Any = "auto"
+    # backbone LR = lr * this. 1: one LR for every layer, with freeze.bn=train the best measured on real
+    # ImageNet weights and on a small related source (experiments/imagenet_transfer); auto (the default
+    # until then, kept for the configs and checkpoints that name it): PRETRAINED_BACKBONE_LR_MULT with
+    # pretrained weights, 1 from scratch
+    backbone_lr_mult: Any = 1.0
     layer_decay: float | None = (
         None  # in (0, 1]: stage i of n gets lr * backbone_lr_mult * layer_decay ** (n - i)
     )
@@ -330,8 +333,11 @@ BN_MODES = ("auto", "train", "eval")
 @dataclass
 class FreezeConfig:
     name: str = MISSING
-    # batch norm in trainable stages: auto (eval from pretrained weights, train from scratch), train, eval
-    bn: str = "auto"
+    # batch norm in trainable stages: train (statistics follow the new data: with pretrained weights at one
+    # LR, frozen statistics collapse EfficientNet-Lite0 to chance, experiments/imagenet_transfer), eval
+    # (the pretrained statistics kept), auto (the earlier default: eval from pretrained weights, train from
+    # scratch; kept for the configs and checkpoints that name it)
+    bn: str = "train"
 
     def __post_init__(self) -> None:
         check_choice(self.bn, "freeze.bn", BN_MODES)
