@@ -24,6 +24,7 @@ test: install
 bench: install
 	$(BIN)/python benchmarks/scan_folder.py
 	$(BIN)/python benchmarks/feature_cache.py
+	$(BIN)/python benchmarks/after_training.py   # predict images/s, ONNX Runtime vs PyTorch, calibration
 
 # on a GPU machine: resnet50 training images/s at fp32, bf16-mixed and 16-mixed (experiments/scale/README.md)
 bench-gpu: install
