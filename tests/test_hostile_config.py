@@ -74,7 +74,7 @@ IGNORED_OR_UNREAD = [
     (["data.split_seed=4294967296"], r"data.split_seed=4294967296 must be at most 4294967295"),
     (["freeze=linear_probe", "optim.backbone_lr_mult=0.1"], r"optim.backbone_lr_mult=0.1 has no effect"),
     (["freeze=linear_probe", "optim.layer_decay=0.7"], r"optim.layer_decay=0.7 has no effect"),
-    (["freeze=partial", "freeze.trainable_blocks=0", "freeze.bn=train"], r"freeze.bn=train has no effect"),
+    (["freeze=partial", "freeze.trainable_blocks=0", "freeze.bn=eval"], r"freeze.bn=eval has no effect"),
 ]
 
 
