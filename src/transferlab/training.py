@@ -30,6 +30,7 @@ from transferlab.config import TrainConfig, parse_train_config
 from transferlab.data.datamodule import TransferDataModule
 from transferlab.errors import ConfigError
 from transferlab.files import ERROR_FILE, METRICS_FILE, atomic_write, keep_earlier, save_traceback, write_json
+from transferlab.finetune.averaging import EMAWeights
 from transferlab.finetune.feature_cache import FeatureCache, use_feature_cache
 from transferlab.finetune.lr_find import find_lr
 from transferlab.launch import check_multirun_processes
@@ -177,6 +178,8 @@ def _fit_and_evaluate(config: TrainConfig, output_dir: Path) -> dict[str, Any]:
     config = replace(config, ckpt_path=start_checkpoint(config.ckpt_path, output_dir))
     loggers = instantiate_group(config.logger)
     callbacks = [*instantiate_group(config.callbacks), ReseedEachEpoch(config.seed)]
+    if config.ema.enabled:  # validated and checkpointed: the average is the model users get
+        callbacks.append(EMAWeights(config.ema))
     trainer = build_trainer(config.trainer, callbacks, loggers)  # Lightning checks its arguments: before data
     L.seed_everything(config.seed, workers=True)
     datamodule = build_datamodule(config.data, config.backbone, config.seed, config.augment)

@@ -647,6 +647,27 @@ class ModelConfig:
 
 
 @dataclass
+class EMAConfig:
+    """`ema.*`: an exponential moving average of the weights, updated after every optimizer step, is what
+    validation measures, best.ckpt / last.ckpt hold as their state_dict (the model eval, predict and export
+    load) and what the run is tested with; resume= continues it (finetune/averaging.py)."""
+
+    enabled: bool = False
+    decay: float = 0.999  # the average keeps this share of itself at each update (after the warm-up)
+    # true: decay_t = min(decay, (1 + n) / (10 + n)) after n updates, so that early on the average follows
+    # the weights and a short fine-tune is not averaged toward its first weights; false: decay from the start
+    warmup: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.decay, bool) or not isinstance(self.decay, int | float) or not 0 < self.decay < 1:
+            raise ConfigError(f"ema.decay={self.decay!r} must be in (0, 1), e.g. 0.999")
+        if not self.enabled:
+            for key in ("decay", "warmup"):
+                if is_set(self, key):
+                    raise ConfigError(f"ema.{key} is read only with ema.enabled=true (it is false)")
+
+
+@dataclass
 class TuneConfig:
     lr_find: bool = False  # run Lightning's LR finder first and train with its suggestion as optim.lr
     min_lr: float = 1.0e-6  # range of the test
@@ -687,6 +708,7 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)  # weight averaging; off by default
     # groups (conf/<group>/): typed by their own options' schemas
     backbone: Any = MISSING
     head: Any = MISSING
