@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint format bench bench-gpu clean
+.PHONY: install demo test test-slurm lint format bench bench-gpu clean
 
 install: $(STAMP)
 
@@ -20,6 +20,11 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# against a real SLURM scheduler: a single-node cluster on this machine (installs slurm-wlm and munge; root)
+test-slurm: install
+	scripts/slurm_cluster.sh
+	$(BIN)/python -m pytest tests/slurm/slurm_checks.py $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python benchmarks/scan_folder.py
