@@ -30,6 +30,7 @@ bench: install
 	$(BIN)/python benchmarks/scan_folder.py
 	$(BIN)/python benchmarks/feature_cache.py
 	$(BIN)/python benchmarks/after_training.py   # predict images/s, ONNX Runtime vs PyTorch, calibration
+	$(BIN)/python benchmarks/overhead.py         # train.py against a plain PyTorch loop, whole process
 
 # on a GPU machine: resnet50 training images/s at fp32, bf16-mixed and 16-mixed (experiments/scale/README.md)
 bench-gpu: install
