@@ -86,7 +86,7 @@ def test_missing_weights_file_names_the_path(tmp_path):
     ("override", "pattern"),
     [
         ("freeze.name=sometimes", "freeze.name='sometimes'.*full, linear_probe, partial, gradual"),
-        ("freeze.bn=maybe", "freeze.bn='maybe'.*auto, train, eval"),
+        ("freeze.bn=maybe", "freeze.bn='maybe'.*adapt, train, eval, auto"),
         ("scheduler.name=linear", "scheduler.name='linear'.*none, cosine, onecycle, step, plateau"),
         ("freeze=gradual freeze.milestones=[5,2]", r"freeze.milestones=\[5, 2\] must be strictly increasing"),
         ("freeze=gradual freeze.milestones=[]", "freeze=gradual needs freeze.milestones"),

@@ -1,7 +1,8 @@
 """The defaults' mechanics (experiments/imagenet_transfer): a tiny labelled set is drawn in several
 reshuffled passes per epoch (data.min_batches_per_epoch), and the backbone trains at the head's LR with its
-batch-norm statistics following the new data (optim.backbone_lr_mult=1, freeze.bn=train); `auto`, the
-earlier default of both, keeps its meaning for the configs and checkpoints that name it."""
+batch-norm statistics kept only when the training images fit them (optim.backbone_lr_mult=1,
+freeze.bn=adapt); `auto`, the earlier default of both, keeps its meaning for the configs and checkpoints
+that name it."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from transferlab.config.schema import PRETRAINED_BACKBONE_LR_MULT
 from transferlab.data.datamodule import TransferDataModule
 from transferlab.data.transforms import Preprocessing
 from transferlab.errors import ConfigError
+from transferlab.finetune.bn_fit import adapted_bn_mode, statistics_shift
 
 TINY = Preprocessing(crop_size=8, resize_size=8)
 
@@ -65,13 +67,35 @@ def built_model(tmp_path, *overrides: str):
     return build_model(config, ["a", "b"], preprocessing_for(config.backbone, config.data), None)
 
 
-def test_the_backbone_trains_at_the_heads_lr_with_batch_norm_statistics_updated(tmp_path):
+def test_the_backbone_trains_at_the_heads_lr_and_batch_norm_adapts(tmp_path):
     for weights in ("DEFAULT", "null"):
         model = built_model(tmp_path, f"backbone.weights={weights}")
         assert model.optim_config.backbone_lr_mult == 1.0
-        assert model.frozen_stages.bn_mode == "train"
-        model.train()
-        assert all(m.training for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d))
+        assert model.hparams.freeze["bn"] == "adapt"
+    # from random weights there are no statistics to keep
+    assert built_model(tmp_path, "backbone.weights=null").frozen_stages.bn_mode == "train"
+
+
+def bn_net(shift: float) -> torch.nn.Module:
+    """Conv + batch norm whose running statistics are those of standard normal images moved by `shift`."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1, bias=False), torch.nn.BatchNorm2d(4))
+    net[0].weight.data = torch.eye(4, 3).view(4, 3, 1, 1)
+    net[1].running_mean.fill_(shift)
+    net[1].running_var.fill_(1.0)
+    return net
+
+
+def test_adapt_keeps_statistics_that_fit_and_updates_those_that_do_not():
+    images = [torch.randn(32, 3, 8, 8) for _ in range(4)]  # per channel mean 0, std 1 (the 4th: 0)
+    fits = statistics_shift(bn_net(0.0), images)
+    assert fits < 0.1 and adapted_bn_mode(fits) == "eval"
+    far = statistics_shift(bn_net(2.0), images)
+    assert far == pytest.approx(2.0, abs=0.1) and adapted_bn_mode(far) == "train"
+    assert adapted_bn_mode(statistics_shift(torch.nn.Linear(2, 2), images)) == "train"  # no batch norm
+    net = bn_net(0.0).train()
+    statistics_shift(net, images)
+    assert net.training and torch.equal(net[1].running_mean, torch.zeros(4))  # measuring changes nothing
 
 
 def test_auto_keeps_its_earlier_meaning(tmp_path):

@@ -228,3 +228,7 @@ def test_the_defaults_transfer_from_imagenet_weights_without_collapsing(tmp_path
     assert run_tool("train", *overrides) == 0
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["test/acc"] >= 0.6, metrics
+    # freeze.bn=adapt found ImageNet's statistics far from the digits': updated, and the checkpoint says so
+    best = torch.load(metrics["best_ckpt"], map_location="cpu", weights_only=True)
+    assert best["hyper_parameters"]["freeze"]["bn"] == "train"
+    assert "statistics updated (they do not fit), freeze.bn=train" in (run_dir / "train.log").read_text()

@@ -4,6 +4,7 @@ evaluate the best checkpoint, report."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import signal
 from dataclasses import asdict, replace
@@ -31,6 +32,7 @@ from transferlab.data.datamodule import TransferDataModule
 from transferlab.errors import ConfigError
 from transferlab.files import ERROR_FILE, METRICS_FILE, atomic_write, keep_earlier, save_traceback, write_json
 from transferlab.finetune.averaging import EMAWeights
+from transferlab.finetune.bn_fit import MEASURED_BATCHES, SHIFT_THRESHOLD, adapted_bn_mode, statistics_shift
 from transferlab.finetune.feature_cache import FeatureCache, use_feature_cache
 from transferlab.finetune.lr_find import find_lr
 from transferlab.launch import check_multirun_processes
@@ -221,7 +223,36 @@ def prepare_model(config: TrainConfig, datamodule: TransferDataModule) -> ImageC
         config, datamodule.class_names, datamodule.preprocessing, loss_spec(config, datamodule)
     )
     if config.ckpt_path:
-        check_checkpoint_classes(read_checkpoint(config.ckpt_path), config.ckpt_path, datamodule.class_names)
+        checkpoint = read_checkpoint(config.ckpt_path)
+        check_checkpoint_classes(checkpoint, config.ckpt_path, datamodule.class_names)
+        stored = checkpoint["hyper_parameters"].get("freeze", {}).get("bn")
+        if config.freeze.bn == "adapt" and stored in ("train", "eval"):  # what the run measured at its start
+            model.set_bn_mode(stored)
     else:
         model.load_pretrained_backbone()
+        if config.freeze.bn == "adapt" and config.backbone.weights is not None:
+            adapt_batch_norm(model, datamodule)
     return model
+
+
+def adapt_batch_norm(model: ImageClassifier, datamodule: TransferDataModule) -> None:
+    """freeze.bn=adapt: keep the pretrained batch-norm statistics only if the training images fit them."""
+    images = (batch for batch, _ in datamodule.split_dataloader("train"))
+    with torch.random.fork_rng(
+        devices=[]
+    ):  # the loader draws a seed: training's random stream stays as it was
+        shift = statistics_shift(model.backbone, itertools.islice(images, MEASURED_BATCHES))
+    mode = adapted_bn_mode(shift)
+    model.set_bn_mode(mode)
+    if shift is None:
+        log.info("freeze.bn=adapt: the backbone has no batch norm")
+    else:
+        kept = "kept (they fit)" if mode == "eval" else "updated (they do not fit)"
+        log.info(
+            "freeze.bn=adapt: the training images shift the pretrained batch-norm means by %.2f standard "
+            "deviations (threshold %.2f): statistics %s, freeze.bn=%s",
+            shift,
+            SHIFT_THRESHOLD,
+            kept,
+            mode,
+        )

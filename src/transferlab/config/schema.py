@@ -327,17 +327,17 @@ class PlateauScheduleConfig(SchedulerConfig):
 
 # --- freeze -----------------------------------------------------------------------------------------
 
-BN_MODES = ("auto", "train", "eval")
+BN_MODES = ("adapt", "train", "eval", "auto")
 
 
 @dataclass
 class FreezeConfig:
     name: str = MISSING
-    # batch norm in trainable stages: train (statistics follow the new data: with pretrained weights at one
-    # LR, frozen statistics collapse EfficientNet-Lite0 to chance, experiments/imagenet_transfer), eval
-    # (the pretrained statistics kept), auto (the earlier default: eval from pretrained weights, train from
-    # scratch; kept for the configs and checkpoints that name it)
-    bn: str = "train"
+    # batch norm in trainable stages: adapt (from pretrained weights: keep their statistics when the training
+    # images fit them, update them when not, measured before training (finetune/bn_fit.py); from random
+    # weights: update), train (update), eval (keep), auto (the first default: keep from pretrained weights,
+    # update from random ones; kept for the configs and checkpoints that name it)
+    bn: str = "adapt"
 
     def __post_init__(self) -> None:
         check_choice(self.bn, "freeze.bn", BN_MODES)

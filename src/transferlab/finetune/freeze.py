@@ -90,7 +90,9 @@ def freeze_plan(cfg: FreezeConfig, stage_names: Sequence[str]) -> FreezePlan:
 
 
 def resolve_bn_mode(bn: str, pretrained: bool) -> str:
-    if bn == "auto":
+    """auto: eval from pretrained weights, train from random ones. adapt: train from random weights; from
+    pretrained ones eval until the run measures whether the images fit them (finetune.bn_fit)."""
+    if bn in ("auto", "adapt"):
         return "eval" if pretrained else "train"
     return bn
 

@@ -92,6 +92,13 @@ class ImageClassifier(L.LightningModule):
         self.hparams.optim["lr"] = lr
         self.optim_config = self._optim_config()
 
+    def set_bn_mode(self, mode: str) -> None:
+        """Batch norm in the trainable stages (freeze.bn=adapt's measured choice), also in the saved
+        hyperparameters, so that a resumed run keeps it without measuring the trained statistics."""
+        self.hparams.freeze["bn"] = mode
+        self.frozen_stages.bn_mode = mode
+        self.frozen_stages.set_batchnorm_modes()
+
     def _optim_config(self) -> OptimConfig:
         """optim as saved, with backbone_lr_mult=auto resolved by whether the backbone starts pretrained."""
         config = parse_group("optim", self.hparams.optim)
