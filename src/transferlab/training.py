@@ -238,9 +238,8 @@ def prepare_model(config: TrainConfig, datamodule: TransferDataModule) -> ImageC
 def adapt_batch_norm(model: ImageClassifier, datamodule: TransferDataModule) -> None:
     """freeze.bn=adapt: keep the pretrained batch-norm statistics only if the training images fit them."""
     images = (batch for batch, _ in datamodule.split_dataloader("train"))
-    with torch.random.fork_rng(
-        devices=[]
-    ):  # the loader draws a seed: training's random stream stays as it was
+    # the loader draws a seed from torch's generator: fork it, so that training's random stream is unchanged
+    with torch.random.fork_rng(devices=[]):
         shift = statistics_shift(model.backbone, itertools.islice(images, MEASURED_BATCHES))
     mode = adapted_bn_mode(shift)
     model.set_bn_mode(mode)

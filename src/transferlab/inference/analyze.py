@@ -25,6 +25,12 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
+from torchmetrics.functional.classification import (
+    multiclass_confusion_matrix,
+    multiclass_f1_score,
+    multiclass_precision,
+    multiclass_recall,
+)
 
 from transferlab.build import instantiate_group
 from transferlab.checkpoints import read_checkpoint
@@ -186,23 +192,23 @@ def reliability_png(predictions: Predictions, temperature: float, bins: int) -> 
 
 
 def confusion_matrix(predicted: torch.Tensor, targets: torch.Tensor, classes: int) -> np.ndarray:
-    """(K, K) counts: rows the true class, columns the predicted one."""
-    flat = targets * classes + predicted
-    return torch.bincount(flat, minlength=classes * classes).reshape(classes, classes).numpy()
+    """(K, K) counts: rows the true class, columns the predicted one (torchmetrics, as training's)."""
+    return multiclass_confusion_matrix(predicted, targets, classes).numpy()
 
 
-def per_class_rows(matrix: np.ndarray, class_names: list[str]) -> list[dict[str, Any]]:
-    """Precision, recall, F1 and support per class; 0 where undefined (never predicted, no image), as
-    torchmetrics' zero_division default."""
-    true_pos = np.diag(matrix).astype(float)
-    predicted, support = matrix.sum(axis=0), matrix.sum(axis=1)
-    precision = np.divide(true_pos, predicted, out=np.zeros_like(true_pos), where=predicted > 0)
-    recall = np.divide(true_pos, support, out=np.zeros_like(true_pos), where=support > 0)
-    total = precision + recall
-    f1 = np.divide(2 * precision * recall, total, out=np.zeros_like(true_pos), where=total > 0)
+def per_class_rows(
+    predicted: torch.Tensor, targets: torch.Tensor, class_names: list[str]
+) -> list[dict[str, Any]]:
+    """Precision, recall, F1 and support per class, by torchmetrics (0 where undefined: its zero_division)."""
+    k = len(class_names)
+    scores = [
+        score(predicted, targets, k, average=None).tolist()
+        for score in (multiclass_precision, multiclass_recall, multiclass_f1_score)
+    ]
+    support = torch.bincount(targets, minlength=k).tolist()
     return [
-        {"class": name, "precision": p, "recall": r, "f1": f, "support": int(s)}
-        for name, p, r, f, s in zip(class_names, precision, recall, f1, support, strict=True)
+        {"class": name, "precision": p, "recall": r, "f1": f, "support": int(n)}
+        for name, p, r, f, n in zip(class_names, *scores, support, strict=True)
     ]
 
 
@@ -212,7 +218,7 @@ def split_metrics(
     """summary.json's numbers: accuracy, macro scores, confusion matrix, per class, calibration."""
     predicted = predictions.logits.argmax(dim=1)
     matrix = confusion_matrix(predicted, predictions.targets, len(class_names))
-    rows = per_class_rows(matrix, class_names)
+    rows = per_class_rows(predicted, predictions.targets, class_names)
     (nll_before, ece_before), (nll_after, ece_after) = (
         calibration_scores(predictions, t, bins) for t in (1.0, temperature)
     )
