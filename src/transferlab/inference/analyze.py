@@ -43,7 +43,7 @@ from transferlab.evaluation import CheckpointData, checkpoint_data
 from transferlab.files import atomic_write, write_json
 from transferlab.inference import report
 from transferlab.inference.gradcam import CamTarget, CamUnsupported, cam_target, grad_cam, overlay
-from transferlab.inference.model import load_inference_model
+from transferlab.inference.model import inference_model
 from transferlab.inference.predictors import resolve_device
 from transferlab.models.calibration import expected_calibration_error, fit_temperature, reliability_bins
 
@@ -73,7 +73,7 @@ def analyze(cfg: DictConfig) -> dict[str, Any]:
     checkpoint = read_checkpoint(config.ckpt_path, trust=config.trust_checkpoint)
     run_dir = Path(config.paths.output_dir)
     data = checkpoint_data(checkpoint, config.ckpt_path, config.data, config.split, config.seed, run_dir)
-    model, card = load_inference_model(config.ckpt_path, trust=config.trust_checkpoint)
+    model, card = inference_model(checkpoint, config.ckpt_path)
     network = nn.Sequential(model.backbone, model.head).to(device).eval()  # logits before any temperature
     loader = data.datamodule.split_dataloader(config.split)
     predictions = predict(network, loader, device)

@@ -38,7 +38,7 @@ from transferlab.inference.model import (
     OUTPUT_NAME,
     InferenceModel,
     ModelCard,
-    load_inference_model,
+    inference_model,
 )
 from transferlab.inference.predictors import Predictor, TorchPredictor, open_exported
 from transferlab.runtime import command_line_overrides
@@ -80,8 +80,8 @@ def export(cfg: DictConfig) -> ExportResult:
             f"ckpt_path={config.ckpt_path}: its {PARITY_SPLIT} split has no images, and the exported model's "
             "parity check runs on them: give data with a val split (data.root=...)"
         )
+    model, card = inference_model(checkpoint, config.ckpt_path)
     del checkpoint
-    model, card = load_inference_model(config.ckpt_path, trust=config.trust_checkpoint)
     model = model.float().eval()
     backbone = f"{card.backbone.get('source')}:{card.backbone.get('name')}"
 

@@ -118,12 +118,14 @@ def checkpoint_card(checkpoint: dict[str, Any], ckpt_path: str | Path) -> ModelC
 
 def load_inference_model(ckpt_path: str | Path, trust: bool = False) -> tuple[InferenceModel, ModelCard]:
     """The checkpoint's network (on the CPU, eval mode) and its card."""
+    return inference_model(read_checkpoint(ckpt_path, trust=trust), ckpt_path)
+
+
+def inference_model(checkpoint: dict, ckpt_path: str | Path) -> tuple[InferenceModel, ModelCard]:
+    """`load_inference_model` of a checkpoint already read (`read_checkpoint`): the file is read once."""
     from transferlab.models.classifier import ImageClassifier
 
-    checkpoint = read_checkpoint(ckpt_path, trust=trust)
-    classifier = ImageClassifier(
-        **checkpoint["hyper_parameters"]
-    )  # what load_from_checkpoint does, read once
+    classifier = ImageClassifier(**checkpoint["hyper_parameters"])  # what load_from_checkpoint does
     classifier.load_state_dict(checkpoint["state_dict"])
     model = InferenceModel(classifier.backbone, classifier.head, stored_temperature(checkpoint))
     return model, checkpoint_card(checkpoint, ckpt_path)
