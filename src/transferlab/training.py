@@ -28,6 +28,7 @@ from transferlab.build import (
 )
 from transferlab.checkpoints import check_checkpoint_classes, read_checkpoint
 from transferlab.config import TrainConfig, parse_train_config
+from transferlab.config.parse import backbone_never_trains
 from transferlab.data.datamodule import TransferDataModule
 from transferlab.errors import ConfigError
 from transferlab.files import ERROR_FILE, METRICS_FILE, atomic_write, keep_earlier, save_traceback, write_json
@@ -230,7 +231,8 @@ def prepare_model(config: TrainConfig, datamodule: TransferDataModule) -> ImageC
             model.set_bn_mode(stored)
     else:
         model.load_pretrained_backbone()
-        if config.freeze.bn == "adapt" and config.backbone.weights is not None:
+        measure = config.freeze.bn == "adapt" and config.backbone.weights is not None
+        if measure and not backbone_never_trains(config.freeze):  # a frozen backbone keeps its statistics
             adapt_batch_norm(model, datamodule)
     return model
 
