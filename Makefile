@@ -32,10 +32,14 @@ bench: install
 	$(BIN)/python benchmarks/after_training.py   # predict images/s, ONNX Runtime vs PyTorch, calibration
 	$(BIN)/python benchmarks/overhead.py         # train.py against a plain PyTorch loop, whole process
 
-# on a GPU machine: resnet50 training images/s at fp32, bf16-mixed and 16-mixed (experiments/scale/README.md)
+# on a GPU machine: ResNet-50 training images/s, fp32/bf16-mixed/16-mixed x NCHW/NHWC x eager/compiled on
+# cached tensors, then bf16 NHWC from JPEG files through the training DataModule (experiments/scale/README.md)
+GPU_BENCH := $(BIN)/python benchmarks/throughput.py --backbone resnet50 --batch-size 256 --cudnn-benchmark on \
+	--out experiments/scale/throughput.jsonl
 bench-gpu: install
-	$(BIN)/python benchmarks/throughput.py --backbone resnet50 --precision 32-true bf16-mixed 16-mixed \
-		--out experiments/scale/throughput.jsonl
+	$(GPU_BENCH) --precision 32-true bf16-mixed 16-mixed --memory-format nchw nhwc
+	$(GPU_BENCH) --precision 32-true bf16-mixed 16-mixed --memory-format nhwc --compile on
+	$(GPU_BENCH) --precision bf16-mixed --memory-format nhwc --compile off on --data files --steps 60
 
 lint: install
 	$(BIN)/ruff check .

@@ -128,7 +128,7 @@ def test_cifar10_missing_offline_says_what_to_do(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize(
     ("cpus", "processes", "expected"),
-    [(1, 1, 0), (2, 1, 1), (16, 1, 8), (64, 1, 8), (16, 4, 3), (8, 8, 0)],
+    [(1, 1, 0), (2, 1, 1), (16, 1, 15), (64, 1, 16), (64, 4, 15), (16, 4, 3), (8, 8, 0)],
 )
 def test_auto_workers_share_the_usable_cpus_among_training_processes(cpus, processes, expected):
     with mock.patch.object(datamodule, "usable_cpu_count", return_value=cpus):

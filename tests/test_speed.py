@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
+import torchvision
 
 from transferlab.config.schema import ModelConfig
 from transferlab.models.classifier import ImageClassifier
@@ -28,3 +30,21 @@ def test_mixed_precision_channels_last_and_compile_options(fast_cfg, tmp_path):
     # parameter names, hence checkpoints, stay the same
     assert model.backbone._compiled_call_impl is not None
     assert "backbone.conv1.weight" in model.state_dict()
+
+
+def test_compile_with_channels_last_refused_where_a_feature_map_is_1x1_on_cuda():
+
+    from transferlab.errors import ConfigError
+    from transferlab.models.speed import check_speed_options, smallest_conv_input
+
+    resnet = torchvision.models.resnet18(num_classes=2)
+    assert smallest_conv_input(resnet, 32) == 1 and smallest_conv_input(resnet, 64) == 2
+    both = ModelConfig(compile=True, channels_last=True)
+    with pytest.raises(
+        ConfigError, match=r"model.compile=true with model.channels_last=true: at data.image_size=32"
+    ):
+        check_speed_options(resnet, both, 32, "cuda")
+    check_speed_options(resnet, both, 64, "cuda")  # 2x2 at the smallest: trains (seen on an H100)
+    check_speed_options(resnet, both, 32, "cpu")  # the CPU's compiled backward is right
+    check_speed_options(resnet, ModelConfig(compile=True), 32, "cuda")
+    assert resnet.training  # the probe leaves the modes as they were

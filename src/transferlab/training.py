@@ -39,7 +39,7 @@ from transferlab.finetune.lr_find import find_lr
 from transferlab.launch import check_multirun_processes
 from transferlab.models.calibration import calibrate
 from transferlab.models.classifier import ImageClassifier
-from transferlab.models.speed import apply_speed_options
+from transferlab.models.speed import apply_speed_options, check_speed_options
 from transferlab.resume import ReseedEachEpoch, start_checkpoint
 from transferlab.runtime import is_multirun
 
@@ -189,6 +189,9 @@ def _fit_and_evaluate(config: TrainConfig, output_dir: Path) -> dict[str, Any]:
     datamodule.prepare_data()
     datamodule.setup("fit")
     model = prepare_model(config, datamodule)
+    check_speed_options(
+        model, config.model, datamodule.preprocessing.crop_size, trainer.strategy.root_device.type
+    )
     apply_speed_options(model, config.model)
     if use_feature_cache(config, model.backbone, trainer.world_size):
         # fit (and the LR finder's), validate and test: the head on the backbone's features, computed when a

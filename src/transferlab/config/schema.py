@@ -421,7 +421,7 @@ class DataConfig:
     # a training set smaller than this many batches is drawn several times per epoch (reshuffled each
     # pass), so that 10 epochs of 20 labelled images are 200 optimizer steps, not 10; 0 = one pass
     min_batches_per_epoch: int = 20
-    num_workers: Any = "auto"  # auto = usable cores (per training process) - 1, at most 8; or a number
+    num_workers: Any = "auto"  # auto = usable cores (per training process) - 1, at most 16; or a number
     imbalance: str = "none"  # none | class_weights (weighted loss) | sampler (weighted sampler) | focal
     class_fraction: Any = None  # keep a fraction of some classes' training images, e.g. {3: 0.1}
     # what augmentation must respect, because it would change an image's label:
@@ -782,7 +782,7 @@ class PredictConfig:
     top_k: int = 1  # classes (with probabilities) per image in predictions.csv
     tta: str = "none"  # test-time augmentation, averaged probabilities: none | hflip | five_crop
     batch_size: int = 32
-    num_workers: Any = "auto"  # loader processes: auto = usable cores - 1, at most 8; or a number
+    num_workers: Any = "auto"  # loader processes: auto = usable cores - 1, at most 16; or a number
     write_json: bool = False  # also predictions.json
     device: str = "auto"  # auto (cuda when there is one) | cpu | cuda; for checkpoints and TorchScript
     trust_checkpoint: bool = False  # true loads the checkpoint with full unpickling (files you trust only)

@@ -37,9 +37,10 @@ log = logging.getLogger(__name__)
 
 def resolve_num_workers(value: int | str, processes: int = 1) -> int:
     """`auto`: the usable CPUs shared among this node's training processes, one left for the process
-    itself, at most 8 per process; a number as it is (the schema checked it)."""
+    itself, at most 16 per process (on a 16-core GPU machine 8 workers fed a ResNet-50 1595 images/s, 15 fed
+    it 2650: experiments/scale); a number as it is (the schema checked it)."""
     if value == "auto":
-        return max(0, min(8, usable_cpu_count() // max(1, processes) - 1))
+        return max(0, min(16, usable_cpu_count() // max(1, processes) - 1))
     return int(value)
 
 
