@@ -5,6 +5,7 @@ with report.html in its run directory, and the pictures in TensorBoard.
 """
 
 from transferlab.tools.analyze import main
+from transferlab.tools.app import run_program
 
 if __name__ == "__main__":
-    main()
+    run_program(main)

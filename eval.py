@@ -3,7 +3,8 @@
 The same Hydra app as `transferlab eval` (transferlab/tools/eval.py, conf/eval.yaml).
 """
 
+from transferlab.tools.app import run_program
 from transferlab.tools.eval import main
 
 if __name__ == "__main__":
-    main()
+    run_program(main)

@@ -3,7 +3,8 @@
 The same Hydra app as `transferlab export` (transferlab/tools/export.py, conf/export.yaml).
 """
 
+from transferlab.tools.app import run_program
 from transferlab.tools.export import main
 
 if __name__ == "__main__":
-    main()
+    run_program(main)

@@ -3,7 +3,8 @@
 The same Hydra app as `transferlab predict` (transferlab/tools/predict.py, conf/predict.yaml).
 """
 
+from transferlab.tools.app import run_program
 from transferlab.tools.predict import main
 
 if __name__ == "__main__":
-    main()
+    run_program(main)

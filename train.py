@@ -3,7 +3,8 @@
 The same Hydra app as `transferlab train` (transferlab/tools/train.py, conf/train.yaml).
 """
 
+from transferlab.tools.app import run_program
 from transferlab.tools.train import main
 
 if __name__ == "__main__":
-    main()
+    run_program(main)

@@ -38,7 +38,7 @@ from transferlab.finetune.feature_cache import FeatureCache, use_feature_cache
 from transferlab.finetune.lr_find import find_lr
 from transferlab.launch import check_multirun_processes
 from transferlab.models.calibration import calibrate
-from transferlab.models.classifier import ImageClassifier
+from transferlab.models.classifier import VAL_METRICS_KEY, ImageClassifier
 from transferlab.models.speed import apply_speed_options, check_speed_options
 from transferlab.resume import ReseedEachEpoch, start_checkpoint
 from transferlab.runtime import is_multirun
@@ -79,9 +79,10 @@ def final_metrics(
     # the checkpoint callback that monitors optimized_metric (the other one writes last.ckpt)
     monitoring = [c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None)]
     best = monitoring[0].best_model_path if monitoring and monitoring[0].best_model_path else None
-    metrics: dict[str, Any] = {}
-    for result in trainer.validate(model, datamodule=datamodule, ckpt_path=best, verbose=False):
-        metrics.update(result)
+    metrics: dict[str, Any] = stored_val_metrics(best) if best else {}
+    if not metrics:  # no best checkpoint (the last weights), or one saved without its validation
+        for result in trainer.validate(model, datamodule=datamodule, ckpt_path=best, verbose=False):
+            metrics.update(result)
     if test and datamodule.has_split("test"):
         for result in trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False):
             metrics.update(result)
@@ -98,6 +99,14 @@ def final_metrics(
         }
     )
     return metrics
+
+
+def stored_val_metrics(path: str) -> dict[str, float]:
+    """The validation metrics a checkpoint was saved with ({} if none): equal to validating it again, since
+    they were measured on these very weights, without the second pass over the val split. Memory-mapped:
+    only this small entry is read."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return dict(checkpoint.get(VAL_METRICS_KEY, {}))
 
 
 def calibrate_best_checkpoint(

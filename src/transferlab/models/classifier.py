@@ -26,6 +26,8 @@ from transferlab.finetune.optim import StageParams, build_optimizer, build_sched
 from transferlab.models.losses import ClassificationLoss
 from transferlab.models.metrics import classification_metrics, per_class_metrics
 
+VAL_METRICS_KEY = "val_metrics"  # a checkpoint's own validation metrics (on_save_checkpoint)
+
 
 class ImageClassifier(L.LightningModule):
     """Backbone + head. Every constructor argument is plain Python data, stored in checkpoints as is,
@@ -188,6 +190,19 @@ class ImageClassifier(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._log_epoch_metrics(self.val_metrics, "val")
+        if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
+            self._validated_at_step = self.trainer.global_step
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # A checkpoint saved right after a validation of these weights (best.ckpt, last.ckpt) keeps that
+        # validation's metrics: the run reports the best checkpoint's from here, instead of validating it
+        # a second time. Not one saved later (mid-epoch hpc_ckpt): its weights were not validated.
+        if getattr(self, "_validated_at_step", None) == self.trainer.global_step:
+            checkpoint[VAL_METRICS_KEY] = {
+                name: float(value)
+                for name, value in self.trainer.callback_metrics.items()
+                if name.startswith("val/") and value.numel() == 1
+            }
 
     def on_test_epoch_end(self) -> None:
         self._log_epoch_metrics(self.test_metrics, self.test_split)

@@ -30,7 +30,7 @@ from transferlab.config.parse import build
 from transferlab.config.schema import DemoConfig
 from transferlab.errors import ConfigError
 from transferlab.launch import claim_directory
-from transferlab.tools.app import hydra_tool, run_in_process
+from transferlab.tools.app import hydra_tool, run_in_process, run_program
 
 WEIGHTS = "backbone.weights={pretrained}"  # the source run's checkpoint (digits 0-4)
 LINEAR_PROBE = ["freeze=linear_probe", "augment=none", "optim.lr=0.1"]  # no augmentation: features cached
@@ -202,4 +202,4 @@ def _shots(out: Path) -> str:
 main = hydra_tool("demo")(run)
 
 if __name__ == "__main__":
-    main()
+    run_program(main)

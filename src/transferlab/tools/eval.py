@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from transferlab.tools.app import hydra_tool
+from transferlab.tools.app import hydra_tool, run_program
 
 
 def run(cfg: DictConfig) -> None:
@@ -16,4 +16,4 @@ def run(cfg: DictConfig) -> None:
 main = hydra_tool("eval")(run)
 
 if __name__ == "__main__":
-    main()
+    run_program(main)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from transferlab.tools.app import hydra_tool
+from transferlab.tools.app import hydra_tool, run_program
 
 
 def run(cfg: DictConfig) -> None:
@@ -17,4 +17,4 @@ def run(cfg: DictConfig) -> None:
 main = hydra_tool("predict")(run)
 
 if __name__ == "__main__":
-    main()
+    run_program(main)

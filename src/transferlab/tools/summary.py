@@ -10,7 +10,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from transferlab.tools.app import hydra_tool
+from transferlab.tools.app import hydra_tool, run_program
 
 
 def run(cfg: DictConfig) -> None:
@@ -26,4 +26,4 @@ def run(cfg: DictConfig) -> None:
 main = hydra_tool("summary")(run)
 
 if __name__ == "__main__":
-    main()
+    run_program(main)
