@@ -18,11 +18,13 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from transferlab.backbones import get_source, is_weights_file
 from transferlab.callbacks import ConfusionMatrixImage
+from transferlab.checkpoints import read_checkpoint
 from transferlab.config.parse import trainer_arg
 from transferlab.config.schema import (
     AugmentConfig,
     BackboneConfig,
     DataConfig,
+    DistillConfig,
     PlateauScheduleConfig,
     TrainConfig,
 )
@@ -30,6 +32,7 @@ from transferlab.data.datamodule import TransferDataModule
 from transferlab.data.transforms import Preprocessing
 from transferlab.errors import ConfigError
 from transferlab.models.classifier import ImageClassifier
+from transferlab.models.distill import Teacher
 from transferlab.models.metrics import TOP5_MIN_CLASSES
 from transferlab.resume import check_epochs_left
 
@@ -54,6 +57,12 @@ def check_run_inputs(config: TrainConfig) -> None:
             raise ConfigError(f"backbone.weights={weights}: no such file")
     elif weights is not None:
         source.check_weights(backbone.name, weights)
+    if config.distill.teacher is not None:  # read whole later, once the data's classes are known
+        teacher = Path(config.distill.teacher).expanduser()
+        if not teacher.is_file():
+            raise ConfigError(
+                f"distill.teacher={config.distill.teacher}: no such file (give a best.ckpt of ours)"
+            )
     if config.ckpt_path and not Path(config.ckpt_path).is_file():
         raise ConfigError(f"ckpt_path={config.ckpt_path}: no such file")
     if config.ckpt_path:
@@ -85,6 +94,33 @@ def loss_spec(config: TrainConfig, datamodule: TransferDataModule) -> dict[str, 
         "name": "focal" if datamodule.imbalance == "focal" else "cross_entropy",
         "class_weights": datamodule.class_weights() if datamodule.imbalance == "class_weights" else None,
     }
+
+
+def load_teacher(distill: DistillConfig, class_names: list[str], preprocessing: Preprocessing) -> Teacher:
+    """`distill.teacher`: the checkpoint's network, frozen in eval mode, refused unless it was trained on
+    exactly these classes in this order (its logits are targets for the student's, class by class)."""
+    checkpoint = read_checkpoint(
+        distill.teacher, distill.trust_teacher, "distill.teacher", "distill.trust_teacher"
+    )
+    trained = list(checkpoint["hyper_parameters"]["class_names"])
+    if trained != list(class_names):
+        raise ConfigError(
+            f"distill.teacher={distill.teacher} was trained on {len(trained)} classes {trained}, but this run's "
+            f"data has {len(class_names)} classes {list(class_names)}: distill from a teacher of the same classes "
+            "(data.classes=[...] keeps a subset, in the given order)"
+        )
+    network = ImageClassifier(**checkpoint["hyper_parameters"])
+    network.load_state_dict(checkpoint["state_dict"])
+    teacher_preprocessing = checkpoint["hyper_parameters"]["preprocessing"]
+    log.info(
+        "Distilling from %s (backbone %s, %d px) with alpha=%s, temperature=%s",
+        distill.teacher,
+        checkpoint["hyper_parameters"]["backbone"]["name"],
+        teacher_preprocessing["crop_size"],
+        distill.alpha,
+        distill.temperature,
+    )
+    return Teacher(network, preprocessing.to_dict(), teacher_preprocessing)
 
 
 def build_model(

@@ -18,38 +18,41 @@ _ZIP_MAGIC = b"PK"  # torch.save's format since torch 1.6 (Lightning's checkpoin
 _PICKLE_MAGIC = b"\x80"  # torch.save's legacy format: a pickle (protocol 2 and up)
 
 
-def read_checkpoint(path: str | Path, trust: bool = False) -> dict[str, Any]:
+def read_checkpoint(
+    path: str | Path, trust: bool = False, key: str = "ckpt_path", trust_key: str = "trust_checkpoint"
+) -> dict[str, Any]:
     """The checkpoint dict, loaded with `weights_only=True` unless the user trusts the file. Anything
     else is a ConfigError that says what the file is: missing, a directory, empty, not a PyTorch file,
-    truncated, damaged, a torch file that is not our checkpoint, or one that needs full unpickling."""
+    truncated, damaged, a torch file that is not our checkpoint, or one that needs full unpickling.
+    Messages name the file as `key=<file>` and the trust setting as `trust_key`."""
     file = Path(path).expanduser()
-    _check_is_file(file)
+    _check_is_file(file, key)
     try:
         checkpoint = torch.load(file, map_location="cpu", weights_only=not trust)
     except OSError as err:
-        raise ConfigError(f"ckpt_path={file} cannot be read ({err.strerror or err})") from err
+        raise ConfigError(f"{key}={file} cannot be read ({err.strerror or err})") from err
     except Exception as err:
-        raise ConfigError(f"ckpt_path={file} {_why_unreadable(file, err, trust)}") from err
-    _check_is_ours(file, checkpoint)
+        raise ConfigError(f"{key}={file} {_why_unreadable(file, err, trust, trust_key)}") from err
+    _check_is_ours(file, checkpoint, key)
     return checkpoint
 
 
-def _check_is_file(file: Path) -> None:
+def _check_is_file(file: Path, key: str) -> None:
     if file.is_dir():
         found = sorted(p.name for p in (file / "checkpoints").glob("*.ckpt"))
         hint = f" (a run directory: give one of its checkpoints/, {', '.join(found)})" if found else ""
-        raise ConfigError(f"ckpt_path={file} is a directory, not a checkpoint file{hint}")
+        raise ConfigError(f"{key}={file} is a directory, not a checkpoint file{hint}")
     if not file.exists():
-        raise ConfigError(f"ckpt_path={file}: no such file")
+        raise ConfigError(f"{key}={file}: no such file")
     if not file.is_file():
-        raise ConfigError(f"ckpt_path={file} is not a regular file")
+        raise ConfigError(f"{key}={file} is not a regular file")
     if file.stat().st_size == 0:
         raise ConfigError(
-            f"ckpt_path={file} is empty (0 bytes): its save or copy never wrote it; use another checkpoint"
+            f"{key}={file} is empty (0 bytes): its save or copy never wrote it; use another checkpoint"
         )
 
 
-def _why_unreadable(file: Path, err: Exception, trust: bool) -> str:
+def _why_unreadable(file: Path, err: Exception, trust: bool, trust_key: str) -> str:
     """What torch.load's failure means for this file, judged by its format (torch's messages do not
     say: random bytes and a checkpoint holding a class not on torch's allow-list fail alike)."""
     with file.open("rb") as f:
@@ -71,7 +74,7 @@ def _why_unreadable(file: Path, err: Exception, trust: bool) -> str:
     if unsafe:
         return (
             f"holds {', '.join(unsafe)}, which loading safely (weights_only) does not unpickle. "
-            "If you trust this file, add trust_checkpoint=true to load it with full unpickling."
+            f"If you trust this file, add {trust_key}=true to load it with full unpickling."
         )
     if trust:  # e.g. a class that is not importable here
         return f"cannot be loaded, even with full unpickling ({type(err).__name__}: {_first_line(err)})"
@@ -89,21 +92,21 @@ def _unsafe_globals(file: Path) -> list[str]:
         return []
 
 
-def _check_is_ours(file: Path, checkpoint: Any) -> None:
+def _check_is_ours(file: Path, checkpoint: Any, key: str) -> None:
     """A torch file that is not our Lightning checkpoint: say what it is instead."""
     if not isinstance(checkpoint, dict):
-        raise ConfigError(f"ckpt_path={file} holds a {type(checkpoint).__name__}, not a checkpoint")
+        raise ConfigError(f"{key}={file} holds a {type(checkpoint).__name__}, not a checkpoint")
     if "state_dict" not in checkpoint:
         if checkpoint and all(isinstance(value, torch.Tensor) for value in checkpoint.values()):
             raise ConfigError(
-                f"ckpt_path={file} is a plain state_dict (weights only), not a checkpoint of a run; "
+                f"{key}={file} is a plain state_dict (weights only), not a checkpoint of a run; "
                 "backbone weights are given as backbone.weights=<file>"
             )
-        raise ConfigError(f"ckpt_path={file} is not a Lightning checkpoint (it has no state_dict)")
+        raise ConfigError(f"{key}={file} is not a Lightning checkpoint (it has no state_dict)")
     hparams = checkpoint.get("hyper_parameters")
     if not isinstance(hparams, dict) or "class_names" not in hparams:
         raise ConfigError(
-            f"ckpt_path={file} is a Lightning checkpoint of another model, not of transferlab "
+            f"{key}={file} is a Lightning checkpoint of another model, not of transferlab "
             "(no class names in its hyper_parameters)"
         )
 

@@ -24,6 +24,7 @@ from transferlab.build import (
     build_trainer,
     check_run_inputs,
     instantiate_group,
+    load_teacher,
     loss_spec,
 )
 from transferlab.checkpoints import check_checkpoint_classes, read_checkpoint
@@ -235,6 +236,9 @@ def prepare_model(config: TrainConfig, datamodule: TransferDataModule) -> ImageC
     model = build_model(
         config, datamodule.class_names, datamodule.preprocessing, loss_spec(config, datamodule)
     )
+    if config.distill.teacher is not None:  # also when resuming: the teacher is in no checkpoint
+        teacher = load_teacher(config.distill, datamodule.class_names, datamodule.preprocessing)
+        model.set_teacher(teacher, config.distill.alpha, config.distill.temperature)
     if config.ckpt_path:
         checkpoint = read_checkpoint(config.ckpt_path)
         check_checkpoint_classes(checkpoint, config.ckpt_path, datamodule.class_names)

@@ -130,6 +130,8 @@ def cache_features_obstacle(config: s.TrainConfig) -> str | None:
     cannot be computed once (`model.cache_features`); None when nothing does. The backbone's own layers
     (dropout) and the number of processes are checked when the run is built (`finetune.feature_cache`)."""
     freeze, augment = config.freeze, config.augment
+    if config.distill.teacher is not None:
+        return "distill.teacher runs the teacher on every training batch's images"
     if not backbone_never_trains(freeze):
         return f"freeze={freeze.name} trains the backbone, so its features change as it learns"
     if not isinstance(augment, s.NoAugmentConfig):

@@ -668,6 +668,34 @@ class EMAConfig:
 
 
 @dataclass
+class DistillConfig:
+    """`distill.*`: knowledge distillation from a teacher (a checkpoint of ours for the same classes) into
+    the network this run trains: loss = alpha * loss(labels) + (1 - alpha) * T^2 * KL(teacher_T || student_T)
+    on every training batch (models/distill.py). Validation and test measure the student alone; its
+    checkpoints hold no teacher."""
+
+    teacher: str | None = (
+        None  # a checkpoint of ours, e.g. a bigger model's best.ckpt; null = no distillation
+    )
+    alpha: float = 0.5  # the labels' share of the loss; 1 - alpha is the teacher's
+    temperature: float = 4.0  # T: softens both distributions; the teacher's term is scaled by T^2
+    trust_teacher: bool = False  # load the teacher with full unpickling (files you trust only)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float) or not 0 <= self.alpha < 1:
+            raise ConfigError(f"distill.alpha={self.alpha!r} must be in [0, 1): 1 would ignore the teacher")
+        temperature = self.temperature
+        if isinstance(temperature, bool) or not isinstance(temperature, int | float) or temperature <= 0:
+            raise ConfigError(f"distill.temperature={temperature!r} must be a positive number, e.g. 4")
+        if self.teacher is None:
+            for key in ("alpha", "temperature", "trust_teacher"):
+                if is_set(self, key):
+                    raise ConfigError(
+                        f"distill.{key} is read only with distill.teacher=<checkpoint> (it is null)"
+                    )
+
+
+@dataclass
 class TuneConfig:
     lr_find: bool = False  # run Lightning's LR finder first and train with its suggestion as optim.lr
     min_lr: float = 1.0e-6  # range of the test
@@ -709,6 +737,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)  # weight averaging; off by default
+    distill: DistillConfig = field(default_factory=DistillConfig)  # knowledge distillation; off by default
     # groups (conf/<group>/): typed by their own options' schemas
     backbone: Any = MISSING
     head: Any = MISSING

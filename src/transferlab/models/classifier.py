@@ -23,6 +23,7 @@ from transferlab.config.schema import LossConfig, OptimConfig
 from transferlab.errors import ConfigError
 from transferlab.finetune.freeze import FreezeCallback, FrozenStages, freeze_plan, resolve_bn_mode
 from transferlab.finetune.optim import StageParams, build_optimizer, build_scheduler
+from transferlab.models.distill import Teacher, distillation_loss
 from transferlab.models.losses import ClassificationLoss
 from transferlab.models.metrics import classification_metrics, per_class_metrics
 
@@ -82,6 +83,9 @@ class ImageClassifier(L.LightningModule):
         # model.cache_features: the batches of fit/validate/test hold the backbone's features, computed once
         # (finetune.feature_cache), and the head alone runs on them; forward() still takes images
         self.inputs_are_features = False
+        # distill.*: a frozen teacher's logits as soft targets in training (build.load_teacher)
+        self.teacher: Teacher | None = None
+        self.distill_alpha, self.distill_temperature = 0.0, 1.0
 
     def load_pretrained_backbone(self) -> None:
         """Fill the backbone from `backbone.weights` (a weights name, a local file, or null)."""
@@ -93,6 +97,10 @@ class ImageClassifier(L.LightningModule):
         """The head's learning rate (the LR finder's suggestion), also in the saved hyperparameters."""
         self.hparams.optim["lr"] = lr
         self.optim_config = self._optim_config()
+
+    def set_teacher(self, teacher: Teacher, alpha: float, temperature: float) -> None:
+        """Train against the labels and the teacher's softened logits (models/distill.py)."""
+        self.teacher, self.distill_alpha, self.distill_temperature = teacher, alpha, temperature
 
     def set_bn_mode(self, mode: str) -> None:
         """Batch norm in the trainable stages (freeze.bn=adapt's measured choice), also in the saved
@@ -148,6 +156,12 @@ class ImageClassifier(L.LightningModule):
         inputs, targets = batch
         logits = self.head(inputs) if self.inputs_are_features else self(inputs)
         loss = self.criterion(logits, targets)
+        if stage == "train" and self.teacher is not None:
+            teacher_logits = self.teacher.logits(inputs)
+            loss, soft = distillation_loss(
+                logits, teacher_logits, loss, self.distill_alpha, self.distill_temperature
+            )
+            self.log("train/distill_loss", soft, on_epoch=True, batch_size=len(targets), sync_dist=True)
         if targets.dim() == 1:  # mixup/cutmix batches have soft targets: no accuracy against them
             metrics.update(logits.detach(), targets)
         if stage == "test":
