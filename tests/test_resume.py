@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from tests.callbacks import pause_at
 from tests.conftest import FAST, ROOT, compose_config, run_tool
 from transferlab.errors import ConfigError
-from transferlab.files import AtomicCheckpointIO
+from transferlab.files import AtomicCheckpointIO, BackgroundCheckpointIO
 from transferlab.resume import requeued_checkpoint, resume_config, start_checkpoint
 from transferlab.runtime import slurm_run_name
 
@@ -39,13 +39,33 @@ def test_a_crash_during_a_save_leaves_the_previous_checkpoint_intact(tmp_path, m
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left
 
 
+def test_background_saves_are_snapshots_and_the_preemption_checkpoint_is_written_at_once(
+    tmp_path, monkeypatch
+):
+    io = BackgroundCheckpointIO()
+    weights = torch.ones(3)
+    io.save_checkpoint({"w": weights}, tmp_path / "last.ckpt")
+    weights.zero_()  # the optimizer moves on while the thread writes: the file holds the weights at the save
+    io.save_checkpoint({"w": weights}, tmp_path / "hpc_ckpt_1.ckpt")
+    # the preemption checkpoint, and every save queued before it, are on disk when the call returns
+    assert torch.load(tmp_path / "hpc_ckpt_1.ckpt")["w"].sum() == 0
+    assert torch.load(tmp_path / "last.ckpt")["w"].sum() == 3
+    monkeypatch.setattr(torch, "save", lambda *args, **kwargs: (_ for _ in ()).throw(OSError("disk full")))
+    io.save_checkpoint({"w": weights}, tmp_path / "last.ckpt")
+    with pytest.raises(OSError, match="disk full"):  # a failed background write is raised when fit ends
+        io.teardown()
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "last.ckpt")["w"].sum() == 3 and len(list(tmp_path.iterdir())) == 2
+
+
 @pytest.mark.parametrize("trainer", [[], ["trainer=ddp", "trainer.devices=2"]], ids=["default", "ddp"])
 def test_trainers_built_from_the_configs_save_checkpoints_atomically(tmp_path, trainer):
     from hydra.utils import instantiate
 
     cfg = compose_config([*FAST, *trainer], tmp_path)
     built = instantiate(cfg.trainer, logger=False)
-    assert isinstance(built.strategy.checkpoint_io, AtomicCheckpointIO)
+    io = built.strategy.checkpoint_io  # written off the training loop, by a thread, atomically
+    assert isinstance(io, BackgroundCheckpointIO) and isinstance(io.checkpoint_io, AtomicCheckpointIO)
 
 
 def test_last_ckpt_is_the_last_epoch_even_when_the_metric_did_not_improve(fast_cfg, tmp_path):

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import IO, Any
 
 import torch
-from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.fabric.plugins import CheckpointIO
+from lightning.pytorch.plugins.io import AsyncCheckpointIO, TorchCheckpointIO
 
 from transferlab.errors import environment_cause, resource_error
 
@@ -81,6 +82,26 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
         atomic_write(path, lambda f: torch.save(checkpoint, f))
+
+
+class BackgroundCheckpointIO(AsyncCheckpointIO):
+    """Checkpoints written off the training loop: Lightning's AsyncCheckpointIO (a copy of the tensors taken
+    at the save, written by one thread) over `AtomicCheckpointIO`. A failed write is raised at the next
+    save or when fit ends. SLURM's preemption checkpoint (hpc_ckpt_<n>.ckpt, saved on SIGUSR1 just before
+    the job is requeued and stopped) is written at once, after the queued ones: it must exist before the
+    process is gone."""
+
+    def __init__(self, checkpoint_io: CheckpointIO | None = None) -> None:
+        super().__init__(checkpoint_io or AtomicCheckpointIO())
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
+        if Path(str(path)).name.startswith("hpc_ckpt"):
+            self.teardown()  # waits for the queued saves (raising a failed one's error); a later save restarts it
+            self.checkpoint_io.save_checkpoint(checkpoint, path, storage_options)
+            return
+        super().save_checkpoint(checkpoint, path, storage_options)
 
 
 def save_traceback(directory: str | os.PathLike, error: BaseException) -> Path:
