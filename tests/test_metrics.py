@@ -50,3 +50,21 @@ def test_binary_problem_uses_two_class_metrics():
     values = metrics(logits_for(torch.tensor([0, 1, 1, 1]), 2), torch.tensor([0, 1, 0, 1]))
     assert values["acc"].item() == pytest.approx(0.75)
     assert values["recall"].item() == pytest.approx((0.5 + 1.0) / 2)
+
+
+def test_a_first_batch_of_one_class_all_right_does_not_merge_metrics():
+    # torchmetrics' automatic compute groups compare states after the first update: equal states there
+    # (one class, every prediction right) merged metrics that differ later
+    metrics = classification_metrics(10)
+    one_class = torch.full((4,), 3)
+    metrics.update(torch.nn.functional.one_hot(one_class, 10).float(), one_class)
+    logits = torch.randn(64, 10, generator=torch.Generator().manual_seed(0))
+    targets = torch.randint(0, 10, (64,), generator=torch.Generator().manual_seed(1))
+    metrics.update(logits, targets)
+    values = {k: float(v) for k, v in metrics.compute().items()}
+    alone = classification_metrics(10)
+    for name, metric in alone.items():  # each metric updated on its own: the reference
+        metric.update(torch.nn.functional.one_hot(one_class, 10).float(), one_class)
+        metric.update(logits, targets)
+        assert values[name] == pytest.approx(float(metric.compute())), name
+    assert values["f1"] <= 1 and values["acc_top5"] > values["acc"]

@@ -80,7 +80,9 @@ def final_metrics(
     # the checkpoint callback that monitors optimized_metric (the other one writes last.ckpt)
     monitoring = [c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None)]
     best = monitoring[0].best_model_path if monitoring and monitoring[0].best_model_path else None
-    metrics: dict[str, Any] = stored_val_metrics(best) if best else {}
+    # read by rank 0 and sent to the others: it waited for its background checkpoint writes when fit ended
+    stored = stored_val_metrics(best) if best and trainer.is_global_zero else None
+    metrics: dict[str, Any] = dict(trainer.strategy.broadcast(stored) or {})
     if not metrics:  # no best checkpoint (the last weights), or one saved without its validation
         for result in trainer.validate(model, datamodule=datamodule, ckpt_path=best, verbose=False):
             metrics.update(result)
