@@ -28,6 +28,7 @@ LAYERS = {
         "callbacks",
         "sweep",
         "inference",
+        "compress",
     ),
     "tools": ("tools", "__main__"),
 }

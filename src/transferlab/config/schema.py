@@ -850,6 +850,58 @@ class ExportConfig:
         check_seed(self.seed, "seed")
 
 
+OPTIMIZE_METHODS = ("quantize",)
+QUANT_FORMATS = ("qdq", "qoperator")
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+
+
+@dataclass
+class QuantizeConfig:
+    """`optimize method=quantize`: int8 post-training static quantization by ONNX Runtime."""
+
+    calibration_batches: int = 8  # batches of training images (data.batch_size each) the ranges come from
+    # how activation ranges come from the calibration images: minmax (their extremes) | percentile (99.999th
+    # percentile of |x|: an outlier widens no range) | entropy (the range keeping the histogram's KL smallest)
+    calibration_method: str = "minmax"
+    split: str | None = None  # where fp32 and int8 are compared: val | test; null = test if the data has one
+    format: str = "qdq"  # qdq (QuantizeLinear/DequantizeLinear pairs) | qoperator (QLinearConv, ...)
+    per_channel: bool = True  # one weight scale per output channel (per tensor: false)
+    reduce_range: bool = False  # 7-bit weights: for CPUs without VNNI, where 8 bits can saturate
+    # the first N Conv/Gemm layers (graph order) stay fp32: the stem is what int8 hurts most (measured:
+    # experiments/compression)
+    fp32_first_layers: int = 0
+
+    def __post_init__(self) -> None:
+        check_int(self.calibration_batches, "quantize.calibration_batches", 1)
+        if self.split is not None:
+            check_choice(self.split, "quantize.split", ("val", "test"))
+        check_choice(self.format, "quantize.format", QUANT_FORMATS)
+        check_choice(self.calibration_method, "quantize.calibration_method", CALIBRATION_METHODS)
+        check_int(self.fp32_first_layers, "quantize.fp32_first_layers", 0)
+
+
+@dataclass
+class OptimizeConfig:
+    """`transferlab optimize`: a smaller or faster model from a checkpoint, with its measured trade-off."""
+
+    task_name: str = "optimize"
+    ckpt_path: str = MISSING  # a checkpoint of ours
+    method: str = "quantize"  # quantize (int8, ONNX Runtime)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    latency_runs: int = 20  # timed runs per model and batch size (after warm-up); the report has the median
+    threads: int = 0  # ONNX Runtime's intra-op threads for the timings; 0 = its default (one per core)
+    seed: int = 42
+    trust_checkpoint: bool = False
+    data: Any = MISSING  # the checkpoint's data config, with any key given here on top
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+    def __post_init__(self) -> None:
+        check_choice(self.method, "method", OPTIMIZE_METHODS)
+        check_int(self.latency_runs, "latency_runs", 1)
+        check_int(self.threads, "threads", 0)
+        check_seed(self.seed, "seed")
+
+
 @dataclass
 class AnalyzeConfig:
     """`transferlab analyze`: what a checkpoint gets wrong on a split, as report/ and report.html."""

@@ -92,6 +92,7 @@ def register_configs() -> None:
     store.store(group="schema", name="demo", node=s.DemoConfig)
     store.store(group="schema", name="predict", node=s.PredictConfig)
     store.store(group="schema", name="export", node=s.ExportConfig)
+    store.store(group="schema", name="optimize", node=s.OptimizeConfig)
     store.store(group="schema", name="analyze", node=s.AnalyzeConfig)
     store.store(group="data", name="from_checkpoint", node=_data_overrides())
     register_resolvers()

@@ -68,7 +68,7 @@ class ExportResult:
 def export(cfg: DictConfig) -> ExportResult:
     """Export `ckpt_path` as `format` into the run directory, then check its parity (see the module)."""
     config = parse_tool_config(cfg, ExportConfig, "export.yaml")
-    _refuse_preprocessing_keys()
+    refuse_preprocessing_keys()
     _check_opset(config)
     output_dir = Path(config.paths.output_dir)
     checkpoint = read_checkpoint(config.ckpt_path, trust=config.trust_checkpoint)
@@ -132,12 +132,12 @@ def export(cfg: DictConfig) -> ExportResult:
     return ExportResult(model_file, card_file, parity_file, report)
 
 
-def _refuse_preprocessing_keys() -> None:
+def refuse_preprocessing_keys(tool: str = "export") -> None:
     """The exported model takes the checkpoint's preprocessing (its model.json says which): checking it on
     images preprocessed otherwise would check something the card does not describe."""
     for key in sorted(typed_data_keys(command_line_overrides()) & set(PREPROCESSING_KEYS)):
         raise ConfigError(
-            f"data.{key} is not read by export: the exported model takes the checkpoint's own "
+            f"data.{key} is not read by {tool}: the exported model takes the checkpoint's own "
             f"preprocessing ({CARD_NAME} records it). Remove it"
         )
 

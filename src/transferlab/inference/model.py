@@ -52,6 +52,7 @@ class ModelCard:
     inputs: dict[str, Any] = field(default_factory=dict)
     outputs: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
+    quantization: dict[str, Any] | None = None  # an int8 model's scheme and calibration; None: fp32
     card_version: int = CARD_VERSION
 
     @property

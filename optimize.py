@@ -1,0 +1,10 @@
+"""Optimize a checkpoint: `python optimize.py ckpt_path=outputs/runs/.../checkpoints/best.ckpt method=quantize`.
+
+The same Hydra app as `transferlab optimize` (transferlab/tools/optimize.py, conf/optimize.yaml).
+"""
+
+from transferlab.tools.app import run_program
+from transferlab.tools.optimize import main
+
+if __name__ == "__main__":
+    run_program(main)

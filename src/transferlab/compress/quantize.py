@@ -1,0 +1,415 @@
+"""The job behind `transferlab optimize method=quantize`: an int8 model for CPU inference, with what it
+costs in accuracy and gains in size and speed, measured.
+
+The run directory gets model.onnx (fp32, exported and parity-checked exactly as `transferlab export`
+does), model.int8.onnx (ONNX Runtime static post-training quantization: QDQ format by default, int8
+per-channel weights, uint8 activations whose ranges come from `quantize.calibration_batches` batches of
+the checkpoint's TRAINING images, a seeded sample, preprocessed by its evaluation transform), model.json
+(export's card, its `file` and `quantization` naming the int8 model) and quantize.json: both models'
+metrics on `quantize.split` (eval's torchmetrics), their top-1 agreement, file sizes and CPU latency
+(ONNX Runtime, the same session options for both, median of `latency_runs`, batch 1 and 32).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader, Subset
+
+from transferlab.checkpoints import read_checkpoint
+from transferlab.config.parse import parse_tool_config
+from transferlab.config.schema import ExportConfig, OptimizeConfig, QuantizeConfig
+from transferlab.errors import ConfigError, DataError
+from transferlab.evaluation import checkpoint_data, run_splits_dir, stored_fingerprints
+from transferlab.files import write_json
+from transferlab.inference.export import (
+    EXAMPLE_BATCH,
+    FAILED_SUFFIX,
+    MODEL_FILES,
+    ONNX_FIRST_OPSET,
+    PARITY_SPLIT,
+    export_onnx,
+    refuse_preprocessing_keys,
+    run_parity,
+    versions,
+)
+from transferlab.inference.model import InferenceModel, ModelCard, inference_model
+from transferlab.inference.predictors import Predictor, open_exported
+from transferlab.models.metrics import classification_metrics
+
+log = logging.getLogger(__name__)
+
+FP32_NAME = MODEL_FILES["onnx"]
+INT8_NAME = "model.int8.onnx"
+REPORT_NAME = "quantize.json"
+LATENCY_BATCHES = (1, 32)
+CALIBRATORS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}  # ORT's names
+QUANTIZED_LAYERS = ("Conv", "Gemm", "MatMul")
+WARMUP_RUNS = 3  # untimed runs first: the first ones allocate and pick kernels
+
+
+@dataclass
+class QuantizeResult:
+    fp32_file: Path
+    int8_file: Path
+    card_file: Path
+    report_file: Path
+    report: dict[str, Any]
+
+
+def optimize(cfg: DictConfig) -> QuantizeResult:
+    """`transferlab optimize`: parse and check the config, then run the method (only `quantize` so far)."""
+    config = parse_tool_config(cfg, OptimizeConfig, "optimize.yaml")
+    refuse_preprocessing_keys("optimize")
+    return quantize(config)
+
+
+def quantize(config: OptimizeConfig) -> QuantizeResult:
+    """The fp32 export, its int8 quantization and their comparison (see the module)."""
+    output_dir = Path(config.paths.output_dir)
+    checkpoint = read_checkpoint(config.ckpt_path, trust=config.trust_checkpoint)
+    torch.manual_seed(config.seed)
+    split = config.quantize.split or default_split(checkpoint, config.ckpt_path)
+    # every image first: a data problem stops the run before the export and calibration take minutes
+    data = checkpoint_data(checkpoint, config.ckpt_path, config.data, split, config.seed, output_dir)
+    check_splits(data.datamodule, split, config)
+    calibration = calibration_batches(data.datamodule, config.quantize.calibration_batches, config.seed)
+    model, card = inference_model(checkpoint, config.ckpt_path)
+    del checkpoint
+    model = model.float().eval()
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    fp32_file, int8_file = output_dir / FP32_NAME, output_dir / INT8_NAME
+    int8_file.unlink(missing_ok=True)  # from an earlier run into this directory
+    export_fp32(model, card, fp32_file)
+    card = quantized_card(card, config.quantize, calibration)
+    card_file = card.write(output_dir)
+    parity = check_fp32(model, card, fp32_file, data.datamodule, config)
+    log.info("Quantizing %s to int8 (%d calibration images)", fp32_file.name, sum(map(len, calibration)))
+    quantize_file(fp32_file, int8_file, calibration, config.quantize, card)
+
+    report = compare(fp32_file, int8_file, data.datamodule, split, config)
+    report.update(
+        split_source=data.source,
+        calibration=card.quantization["calibration"],
+        scheme=card.quantization["scheme"],
+        fp32_parity=parity,
+    )
+    report_file = output_dir / REPORT_NAME
+    write_json(report_file, report)
+    log_summary(report)
+    return QuantizeResult(fp32_file, int8_file, card_file, report_file, report)
+
+
+# --- checks and data ------------------------------------------------------------------------------------
+
+
+def default_split(checkpoint: dict[str, Any], ckpt_path: str) -> str:
+    """test if the checkpoint's run had a test split (its fingerprints, or its split lists), else val."""
+    fingerprints = stored_fingerprints(checkpoint)
+    if fingerprints:
+        return "test" if "test" in fingerprints else "val"
+    lists = run_splits_dir(ckpt_path)
+    if (lists / "summary.json").is_file():
+        return "test" if (lists / "test.txt").is_file() else "val"
+    return "test"
+
+
+def check_splits(datamodule: Any, split: str, config: OptimizeConfig) -> None:
+    """Images to calibrate on (train), to check the fp32 export on (val, as export) and to compare on."""
+    counts = {name: sum(per_class.values()) for name, per_class in datamodule.class_counts().items()}
+    needed = {
+        "train": "quantize.calibration_batches: calibration reads training images",
+        PARITY_SPLIT: "the fp32 model's parity check (as export's) runs on them",
+        split: f"quantize.split={split}: fp32 and int8 are compared on them",
+    }
+    for name, why in needed.items():
+        if not counts.get(name):
+            raise DataError(
+                f"ckpt_path={config.ckpt_path}: its {name} split has no images, and {why}; "
+                "give data with that split (data.root=...)"
+                + (" or choose quantize.split=val" if name == split == "test" else "")
+            )
+
+
+def calibration_batches(datamodule: Any, batches: int, seed: int) -> list[np.ndarray]:
+    """`batches` batches of training images, a seeded sample of all classes (the loader's order is by
+    class: its first batches would set the ranges from one class), through the evaluation transform."""
+    dataset = datamodule.split_dataloader("train").dataset  # the evaluation transform, no augmentation
+    size = datamodule.batch_size
+    wanted = batches * size
+    if wanted > len(dataset):
+        log.warning(
+            "quantize.calibration_batches=%d x data.batch_size=%d: the training split has only %d images; "
+            "calibrating on all of them",
+            batches,
+            size,
+            len(dataset),
+        )
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:wanted]
+    loader = DataLoader(Subset(dataset, order.tolist()), batch_size=size)
+    return [images.float().contiguous().numpy() for images, _ in loader]
+
+
+# --- fp32, then int8 ------------------------------------------------------------------------------------
+
+
+def export_fp32(model: InferenceModel, card: ModelCard, path: Path) -> None:
+    """export's ONNX exporter and opset: a backbone that does not export fails with export's one line."""
+    backbone = f"{card.backbone.get('source')}:{card.backbone.get('name')}"
+    log.info("Exporting %s (backbone %s) as ONNX", card.source_checkpoint["path"], backbone)
+    example = torch.zeros(EXAMPLE_BATCH, 3, card.prep.crop_size, card.prep.crop_size)
+    export_onnx(model, example, path, ONNX_FIRST_OPSET, backbone)
+
+
+def check_fp32(
+    model: InferenceModel, card: ModelCard, path: Path, datamodule: Any, config: OptimizeConfig
+) -> dict[str, Any]:
+    """export's parity check, with export's defaults: the fp32 file is the reference int8 is measured by."""
+    checks = ExportConfig(ckpt_path=config.ckpt_path)
+    parity = run_parity(model, card, path, datamodule, checks)
+    if not parity["passed"]:
+        failed = path.with_name(path.name + FAILED_SUFFIX)
+        os.replace(path, failed)
+        raise ConfigError(
+            f"parity check failed: {path.name} of ckpt_path={config.ckpt_path} does not give the checkpoint's "
+            f"logits on its {PARITY_SPLIT} images ({parity['reason']}); renamed to {failed}"
+        )
+    return parity
+
+
+def quantized_card(card: ModelCard, options: QuantizeConfig, calibration: list[np.ndarray]) -> ModelCard:
+    """export's card, describing the int8 file (model.onnx beside it: the fp32 reference)."""
+    scheme = {
+        "format": options.format,
+        "weights": "int8, " + ("per channel" if options.per_channel else "per tensor"),
+        "activations": f"uint8, per tensor, {CALIBRATORS[options.calibration_method]} calibration",
+        "reduce_range": options.reduce_range,
+        "fp32_first_layers": options.fp32_first_layers,
+        "quantizer": "onnxruntime.quantization.quantize_static",
+    }
+    quantization = {
+        "file": INT8_NAME,
+        "fp32_file": FP32_NAME,
+        "scheme": scheme,
+        "calibration": {
+            "split": "train",
+            "batches": len(calibration),
+            "images": int(sum(len(batch) for batch in calibration)),
+            "transform": "the checkpoint's evaluation transform",
+        },
+    }
+    return replace(
+        card,
+        format="onnx",
+        file=INT8_NAME,
+        opset=ONNX_FIRST_OPSET,
+        versions=versions("onnx"),
+        quantization=quantization,
+    )
+
+
+def quantize_file(
+    fp32_file: Path, int8_file: Path, calibration: list[np.ndarray], options: QuantizeConfig, card: ModelCard
+) -> None:
+    """ORT's pre-processing (shape inference, graph optimisation: folds what quantization would split),
+    then static quantization. Its temporary files go to a folder removed afterwards."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class CalibrationBatches(CalibrationDataReader):
+        """The calibration batches, once each, as ONNX Runtime's calibrator asks for them."""
+
+        def __init__(self) -> None:
+            self.batches = iter(calibration)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            batch = next(self.batches, None)
+            return None if batch is None else {card.inputs["name"]: batch}
+
+    reader = CalibrationBatches()
+    quant_format = {"qdq": QuantFormat.QDQ, "qoperator": QuantFormat.QOperator}[options.format]
+    with tempfile.TemporaryDirectory(prefix="quantize_", dir=int8_file.parent) as scratch:
+        prepared = Path(scratch) / "prepared.onnx"
+        try:
+            quant_pre_process(str(fp32_file), str(prepared))
+            kept = first_layers(prepared, options.fp32_first_layers)
+            quantize_static(
+                str(prepared),
+                str(int8_file),
+                reader,
+                quant_format=quant_format,
+                per_channel=options.per_channel,
+                reduce_range=options.reduce_range,
+                activation_type=QuantType.QUInt8,  # u8 activations, s8 weights: x86's fast int8 kernels
+                weight_type=QuantType.QInt8,
+                nodes_to_exclude=kept,
+                calibrate_method=getattr(CalibrationMethod, CALIBRATORS[options.calibration_method]),
+            )
+        except Exception as error:  # ONNX Runtime's tools raise many types
+            int8_file.unlink(missing_ok=True)
+            backbone = f"{card.backbone.get('source')}:{card.backbone.get('name')}"
+            first = next((line for line in str(error).splitlines() if line.strip()), "no message")
+            raise ConfigError(
+                f"backbone {backbone} cannot be quantized by ONNX Runtime ({type(error).__name__}: {first})"
+            ) from error
+
+
+def first_layers(model_file: Path, count: int) -> list[str]:
+    """The names of the model's first `count` Conv/Gemm/MatMul nodes (ONNX graphs are in topological
+    order): the layers `quantize.fp32_first_layers` keeps in fp32."""
+    if count == 0:
+        return []
+    import onnx
+
+    nodes = onnx.load(str(model_file), load_external_data=False).graph.node
+    return [node.name for node in nodes if node.op_type in QUANTIZED_LAYERS][:count]
+
+
+# --- the comparison -------------------------------------------------------------------------------------
+
+
+def compare(
+    fp32_file: Path, int8_file: Path, datamodule: Any, split: str, config: OptimizeConfig
+) -> dict[str, Any]:
+    """Both models on the split (metrics, agreement), their sizes and latencies: quantize.json."""
+    models = {"fp32": open_exported(fp32_file, device="cpu"), "int8": open_exported(int8_file, device="cpu")}
+    loader = datamodule.split_dataloader(split)
+    scores, agreement, images = split_scores(models, loader, datamodule.num_classes, split)
+    sample = first_images(loader, max(LATENCY_BATCHES))
+    latency = latencies({"fp32": fp32_file, "int8": int8_file}, sample, config)
+    report: dict[str, Any] = {
+        "method": "quantize",
+        "split": split,
+        "images": images,
+        "top1_agreement": agreement,
+    }
+    for name, path in (("fp32", fp32_file), ("int8", int8_file)):
+        report[name] = {"file": path.name, "size_bytes": path.stat().st_size, **scores[name], **latency[name]}
+    report["size_ratio"] = report["fp32"]["size_bytes"] / report["int8"]["size_bytes"]
+    report["speedup"] = {
+        str(batch): latency["fp32"][f"latency_ms_batch{batch}"] / latency["int8"][f"latency_ms_batch{batch}"]
+        for batch in LATENCY_BATCHES
+    }
+    report["accuracy_change"] = report["int8"][f"{split}/acc"] - report["fp32"][f"{split}/acc"]
+    report["latency"] = latency["settings"]
+    return report
+
+
+def split_scores(
+    models: dict[str, Predictor], loader: DataLoader, num_classes: int, split: str
+) -> tuple[dict[str, dict[str, float]], float, int]:
+    """Each model's metrics on the loader's images (eval's torchmetrics, named as eval's metrics.json:
+    `<split>/acc`, ...), and how often their top-1 classes agree."""
+    # each metric on its own, not as the MetricCollection: its compute groups, formed on the first batch,
+    # merge top-5 accuracy with precision/recall/F1 when that batch is one class predicted right (a split
+    # in class order), and those then report top-5 numbers
+    metrics = {name: dict(classification_metrics(num_classes).items()) for name in models}
+    same, images = 0, 0
+    for batch, targets in loader:
+        batch = batch.float().contiguous()
+        top1 = {}
+        for name, model in models.items():
+            logits = model(batch)
+            for metric in metrics[name].values():
+                metric.update(logits, targets)
+            top1[name] = logits.argmax(dim=1)
+        same += int((top1["fp32"] == top1["int8"]).sum())
+        images += len(batch)
+    scores = {
+        name: {f"{split}/{key}": float(metric.compute()) for key, metric in named.items()}
+        for name, named in metrics.items()
+    }
+    return scores, same / images, images
+
+
+def first_images(loader: DataLoader, count: int) -> np.ndarray:
+    """`count` real images of the split (repeated when it has fewer): the latency's input."""
+    images = torch.cat([batch for batch, _ in _take(loader, count)])
+    repeats = -(-count // len(images))
+    return images.repeat(repeats, 1, 1, 1)[:count].float().contiguous().numpy()
+
+
+def _take(loader: DataLoader, count: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    seen = 0
+    for batch in loader:
+        yield batch
+        seen += len(batch[0])
+        if seen >= count:
+            return
+
+
+def latencies(files: dict[str, Path], images: np.ndarray, config: OptimizeConfig) -> dict[str, Any]:
+    """Median milliseconds per run of each model at each batch size; the models take turns, run by run,
+    so that a change of the machine's load falls on both alike."""
+    sessions = {name: _timing_session(path, config.threads) for name, path in files.items()}
+    found: dict[str, Any] = {name: {} for name in files}
+    for batch in LATENCY_BATCHES:
+        times: dict[str, list[float]] = {name: [] for name in files}
+        for run in range(WARMUP_RUNS + config.latency_runs):
+            for name, session in sessions.items():
+                feed = {session.get_inputs()[0].name: images[:batch]}
+                start = time.perf_counter()
+                session.run(None, feed)
+                if run >= WARMUP_RUNS:
+                    times[name].append(time.perf_counter() - start)
+        for name in files:
+            found[name][f"latency_ms_batch{batch}"] = 1000 * statistics.median(times[name])
+    found["settings"] = {
+        "runtime": "onnxruntime, CPUExecutionProvider",
+        "intra_op_num_threads": config.threads or "onnxruntime's default",
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        "runs": config.latency_runs,
+        "warmup_runs": WARMUP_RUNS,
+        "batch_sizes": list(LATENCY_BATCHES),
+        "cpu_count": os.cpu_count(),
+    }
+    return found
+
+
+def _timing_session(path: Path, threads: int) -> Any:
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = threads  # 0: ONNX Runtime's default
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def log_summary(report: dict[str, Any]) -> None:
+    split, fp32, int8 = report["split"], report["fp32"], report["int8"]
+    log.info(
+        "%s/acc fp32 %.4f, int8 %.4f; top-1 agreement %.4f on %d images; size %.1f -> %.1f MB; latency "
+        "batch 1 %.2f -> %.2f ms (x%.2f), batch 32 %.1f -> %.1f ms (x%.2f)",
+        split,
+        fp32[f"{split}/acc"],
+        int8[f"{split}/acc"],
+        report["top1_agreement"],
+        report["images"],
+        fp32["size_bytes"] / 1e6,
+        int8["size_bytes"] / 1e6,
+        fp32["latency_ms_batch1"],
+        int8["latency_ms_batch1"],
+        report["speedup"]["1"],
+        fp32["latency_ms_batch32"],
+        int8["latency_ms_batch32"],
+        report["speedup"]["32"],
+    )
+    log.info("Wrote %s, %s, model.json and %s", FP32_NAME, INT8_NAME, REPORT_NAME)
