@@ -967,3 +967,36 @@ class DemoConfig:
         check_int(self.shots, "shots", 1, optional=True)
         if not self.seeds:
             raise ConfigError("seeds must list at least one seed")
+
+
+PRUNE_IMPORTANCES = ("l1", "l2")  # the norm of a channel's weights that ranks it (torch-pruning's magnitude)
+
+
+@dataclass
+class PruneConfig:
+    """`optimize method=prune`: structured (channel) pruning of the backbone by torch-pruning."""
+
+    amount: float = 0.5  # fraction of the channels removed from every prunable backbone layer, in (0, 1)
+    # {stage name: fraction}: prune only these stages, each by its own fraction, instead of every layer by
+    # `amount` (a ResNet's stages: conv1+bn1, layer1 ... layer4; a wrong name lists them); null = every stage
+    stages: dict[str, float] | None = None
+    importance: str = "l1"  # l1 | l2: which channels go first, the smallest by this norm of their weights
+
+    def __post_init__(self) -> None:
+        check_fraction(self.amount, "prune.amount")
+        if self.stages is not None:
+            if not self.stages:
+                raise ConfigError("prune.stages={} names no stage; null prunes every stage by prune.amount")
+            if is_set(self, "amount"):
+                raise ConfigError(
+                    f"prune.amount={self.amount} and prune.stages: set one (the stages have their own amounts)"
+                )
+            for name, amount in self.stages.items():
+                check_fraction(amount, f"prune.stages.{name}")
+        check_choice(self.importance, "prune.importance", PRUNE_IMPORTANCES)
+
+
+def check_fraction(value: Any, key: str) -> None:
+    """A fraction strictly between 0 and 1 (neither nothing nor everything)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1:
+        raise ConfigError(f"{key}={value!r} must be a fraction in (0, 1)")

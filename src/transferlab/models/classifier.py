@@ -26,6 +26,7 @@ from transferlab.finetune.optim import StageParams, build_optimizer, build_sched
 from transferlab.models.distill import Teacher, distillation_loss
 from transferlab.models.losses import ClassificationLoss
 from transferlab.models.metrics import classification_metrics, per_class_metrics
+from transferlab.models.pruned import apply_pruned_shapes, pruned_num_features
 
 VAL_METRICS_KEY = "val_metrics"  # a checkpoint's own validation metrics (on_save_checkpoint)
 
@@ -46,6 +47,7 @@ class ImageClassifier(L.LightningModule):
         freeze: dict[str, Any],
         preprocessing: dict[str, Any],
         loss: dict[str, Any] | None = None,
+        pruned: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         super().__init__()
         if num_classes < 2 or len(class_names) != num_classes:
@@ -62,6 +64,9 @@ class ImageClassifier(L.LightningModule):
         self._classifier_prefix = built.classifier_prefix
         self.num_features = built.num_features
         self.head = instantiate(to_head_kwargs(head), in_features=built.num_features, num_classes=num_classes)
+        if pruned:  # a channel-pruned checkpoint (compress.prune): its layer widths, before its weights load
+            apply_pruned_shapes(self, pruned)
+            self.num_features = pruned_num_features(self.head)
         # plain cross-entropy unless said otherwise: checkpoints from before the imbalance options hold
         # only loss.label_smoothing
         spec = {"name": "cross_entropy", "class_weights": None, **asdict(LossConfig()), **(loss or {})}

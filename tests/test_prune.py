@@ -1,0 +1,155 @@
+"""Structured and unstructured pruning (compress.prune) and the pruned checkpoint's architecture record
+(models.pruned). Tiny and in-process: random weights, 32 px images, no training."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from transferlab.compress.prune import prune_classifier, prune_unstructured, rebuild
+from transferlab.errors import ConfigError
+from transferlab.models.classifier import ImageClassifier
+
+torch.manual_seed(0)
+IMAGES = torch.randn(2, 3, 32, 32)
+
+
+def classifier(name: str, source: str = "torchvision", head: str = "LinearHead") -> ImageClassifier:
+    model = ImageClassifier(
+        backbone={"source": source, "name": name, "weights": None, "trust_file": False},
+        head={"_target_": f"transferlab.models.heads.{head}"},
+        num_classes=3,
+        class_names=["a", "b", "c"],
+        optim={"_target_": "torch.optim.SGD", "lr": 0.01},
+        scheduler={"name": "none"},
+        freeze={"name": "full"},
+        preprocessing={"crop_size": 32, "resize_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3},
+    )
+    return model.eval()
+
+
+def outputs(model: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(IMAGES)
+
+
+def out_widths(model: nn.Module) -> dict[str, int]:
+    """Each convolution's output channels, by module name."""
+    return {name: m.out_channels for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+
+
+@pytest.fixture(scope="module")
+def pruned_resnet() -> tuple[ImageClassifier, object, dict[str, int]]:
+    model = classifier("resnet18")
+    widths = out_widths(model)
+    return model, prune_classifier(model, IMAGES, amount=0.5), widths
+
+
+def test_a_pruned_resnet_is_smaller_and_answers_in_the_same_shape(pruned_resnet):
+    model, report, widths = pruned_resnet
+    assert report.params_after < 0.35 * report.params_before and report.macs_after < 0.35 * report.macs_before
+    assert outputs(model).shape == (2, 3)
+    assert out_widths(model)["backbone.layer4.1.conv2"] == widths["backbone.layer4.1.conv2"] // 2
+    assert model.head[-1].out_features == 3 and model.num_features == model.head[-1].in_features == 256
+    assert model.hparams["pruned"] == report.pruned
+
+
+def test_a_pruned_checkpoint_loads_like_any_other(pruned_resnet):
+    model, _, _ = pruned_resnet
+    buffer = io.BytesIO()  # what a checkpoint holds: plain hyperparameters and tensors
+    torch.save({"hyper_parameters": dict(model.hparams), "state_dict": model.state_dict()}, buffer)
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=True)
+    loaded = ImageClassifier(**checkpoint["hyper_parameters"])
+    loaded.load_state_dict(checkpoint["state_dict"])
+    assert torch.equal(outputs(loaded), outputs(model))
+    assert torch.equal(outputs(rebuild(model)), outputs(model))
+    assert loaded.num_features == model.num_features
+    other = {
+        **checkpoint["hyper_parameters"],
+        "backbone": {**model.hparams["backbone"], "name": "mobilenet_v3_small"},
+    }
+    with pytest.raises(ConfigError, match="pruned from another backbone"):
+        ImageClassifier(**other)
+
+
+def test_lightning_loads_a_pruned_checkpoint(pruned_resnet, tmp_path):
+    import lightning
+
+    model, _, _ = pruned_resnet
+    path = tmp_path / "pruned.ckpt"
+    torch.save(
+        {
+            "hyper_parameters": dict(model.hparams),
+            "state_dict": model.state_dict(),
+            "pytorch-lightning_version": lightning.__version__,
+        },
+        path,
+    )
+    loaded = ImageClassifier.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+    assert torch.equal(outputs(loaded), outputs(model))
+
+
+def test_per_stage_amounts_prune_only_those_stages():
+    model = classifier("resnet18")
+    before = out_widths(model)
+    prune_classifier(model, IMAGES, amount=0.5, per_stage={"layer3": 0.5})
+    changed = {name for name, width in out_widths(model).items() if width != before[name]}
+    assert changed and all(name.startswith("backbone.layer3.") for name in changed)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "key"),
+    [
+        ({"amount": 1.0}, "prune.amount"),
+        ({"amount": 0.0}, "prune.amount"),
+        ({"amount": 0.5, "per_stage": {"layer9": 0.5}}, "prune.stages"),
+        ({"amount": 0.5, "per_stage": {"layer3": 1.5}}, "prune.stages.layer3"),
+        ({"amount": 0.5, "importance": "l7"}, "prune.importance"),
+    ],
+)
+def test_bad_amounts_and_stages_are_refused_naming_the_key(kwargs, key):
+    model = classifier("resnet18")
+    with pytest.raises(ConfigError, match=key):
+        prune_classifier(model, IMAGES, **kwargs)
+    assert model.hparams.get("pruned") is None
+
+
+def test_a_family_with_attention_is_refused_before_any_work(monkeypatch):
+    import torch_pruning as tp
+
+    monkeypatch.setattr(tp.pruner, "BasePruner", None)  # refused before the pruner is even built
+    model = ImageClassifier(**{**classifier("resnet18").hparams, "backbone": vit_config()})
+    with pytest.raises(ConfigError, match=r"vit_b_16.*ResNet, MobileNetV3, EfficientNet"):
+        prune_classifier(model, torch.randn(1, 3, 224, 224), amount=0.5)
+
+
+def vit_config() -> dict:
+    return {"source": "torchvision", "name": "vit_b_16", "weights": None, "trust_file": False}
+
+
+@pytest.mark.parametrize(
+    ("name", "source", "head"),
+    [("mobilenet_v3_small", "torchvision", "MLPHead"), ("efficientnet_lite0", "packaged", "LinearHead")],
+)
+def test_mobile_families_prune_and_reload(name, source, head):
+    model = classifier(name, source, head)
+    report = prune_classifier(model, IMAGES, amount=0.3)
+    assert report.params_after < report.params_before and report.macs_after < report.macs_before
+    first = model.head[0] if head == "MLPHead" else model.head[-1]
+    assert first.out_features == (256 if head == "MLPHead" else 3)  # the head keeps its own widths
+    assert torch.equal(outputs(rebuild(model)), outputs(model))
+
+
+def test_unstructured_pruning_reaches_the_sparsity_and_keeps_shapes():
+    model = classifier("resnet18")
+    shapes = {name: p.shape for name, p in model.named_parameters()}
+    sparsity = prune_unstructured(model, 0.6)
+    assert sparsity == pytest.approx(0.6, abs=0.01)
+    assert {name: p.shape for name, p in model.named_parameters()} == shapes
+    assert not any(name.endswith("_orig") for name in model.state_dict())  # made permanent
+    with pytest.raises(ConfigError, match="prune.amount"):
+        prune_unstructured(model, 1.5)
