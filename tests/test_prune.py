@@ -4,11 +4,15 @@
 from __future__ import annotations
 
 import io
+import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+from tests.conftest import run_tool
 from transferlab.compress.prune import prune_classifier, prune_unstructured, rebuild
 from transferlab.errors import ConfigError
 from transferlab.models.classifier import ImageClassifier
@@ -153,3 +157,69 @@ def test_unstructured_pruning_reaches_the_sparsity_and_keeps_shapes():
     assert not any(name.endswith("_orig") for name in model.state_dict())  # made permanent
     with pytest.raises(ConfigError, match="prune.amount"):
         prune_unstructured(model, 1.5)
+
+
+# --- `transferlab optimize method=prune`: prune, save, recover, report ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pruned_run(trained_run, tmp_path_factory) -> Path:
+    """conftest's trained ResNet-18 pruned by half and fine-tuned for one epoch: the optimize run dir."""
+    out = tmp_path_factory.mktemp("pruned") / "run"
+    checkpoint = trained_run / "checkpoints" / "best.ckpt"
+    overrides = [f"ckpt_path={checkpoint}", "method=prune", "prune.amount=0.5", "finetune.epochs=1"]
+    assert run_tool("optimize", *overrides, "latency_runs=1", f"hydra.run.dir={out}") == 0
+    return out
+
+
+def test_prune_job_reports_a_smaller_network_and_its_recovery(pruned_run):
+
+    report = json.loads((pruned_run / "prune.json").read_text())
+    assert report["params"]["after"] < 0.4 * report["params"]["before"]  # half the channels: ~1/4 the weights
+    assert report["macs_per_image"]["after"] < 0.5 * report["macs_per_image"]["before"]
+    assert report["split"] == "test" and report["images"] == 12
+    for stage in ("before", "pruned", "recovered"):
+        assert 0 <= report[stage]["test/acc"] <= 1
+    assert report["recovered"]["epochs"] == 1 and Path(report["recovered"]["best_ckpt"]).is_file()
+    assert set(report["pruned"]["latency_ms"]) == {"batch1", "batch32"}
+
+
+def test_the_pruned_and_recovered_checkpoints_are_ordinary_ones(pruned_run, tmp_path):
+    recovered = pruned_run / "finetune" / "checkpoints" / "best.ckpt"
+    for path in (pruned_run / "pruned.ckpt", recovered):
+        model = ImageClassifier.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+        assert model.hparams["pruned"] and sum(p.numel() for p in model.parameters()) < 4_000_000
+        assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 3)
+    assert run_tool("eval", f"ckpt_path={recovered}", "split=test", f"hydra.run.dir={tmp_path / 'eval'}") == 0
+    assert run_tool("export", f"ckpt_path={recovered}", f"hydra.run.dir={tmp_path / 'export'}") == 0
+    assert (tmp_path / "export" / "model.onnx").is_file()  # passed export's parity check
+
+
+def test_prune_without_its_run_config_says_how_to_prune_only(trained_run, tmp_path, capsys):
+
+    moved = tmp_path / "elsewhere" / "best.ckpt"
+    moved.parent.mkdir()
+    shutil.copy(trained_run / "checkpoints" / "best.ckpt", moved)
+    status = run_tool("optimize", f"ckpt_path={moved}", "method=prune", f"hydra.run.dir={tmp_path / 'r'}")
+    assert status != 0 and "set finetune.epochs=0 to prune only" in "".join(capsys.readouterr())
+    status = run_tool(
+        "optimize",
+        f"ckpt_path={moved}",
+        "method=quantize",
+        "prune.amount=0.3",
+        f"hydra.run.dir={tmp_path / 'q'}",
+    )
+    assert status != 0 and "prune.* is read only with method=prune" in "".join(capsys.readouterr())
+
+
+def test_init_from_is_one_way_to_start_and_needs_the_same_backbone(pruned_run, tmp_path, capsys):
+    from tests.conftest import FAST, compose_config
+    from transferlab.config import parse_train_config
+
+    with pytest.raises(ConfigError, match="init_from starts a new run from a checkpoint's network"):
+        parse_train_config(compose_config([*FAST, "init_from=a.ckpt", "ckpt_path=b.ckpt"], tmp_path))
+    data = json.loads((pruned_run / "prune.json").read_text())["pruned"]["file"]
+    status = run_tool(
+        "train", *FAST, "backbone=mobilenet_v3_large", f"init_from={data}", f"hydra.run.dir={tmp_path / 'r'}"
+    )
+    assert status != 0 and "use the same backbone" in "".join(capsys.readouterr())

@@ -57,6 +57,8 @@ def check_run_inputs(config: TrainConfig) -> None:
             raise ConfigError(f"backbone.weights={weights}: no such file")
     elif weights is not None:
         source.check_weights(backbone.name, weights)
+    if config.init_from is not None and not Path(config.init_from).expanduser().is_file():
+        raise ConfigError(f"init_from={config.init_from}: no such file (give a checkpoint of ours)")
     if config.distill.teacher is not None:  # read whole later, once the data's classes are known
         teacher = Path(config.distill.teacher).expanduser()
         if not teacher.is_file():
@@ -124,10 +126,15 @@ def load_teacher(distill: DistillConfig, class_names: list[str], preprocessing: 
 
 
 def build_model(
-    config: TrainConfig, class_names: list[str], preprocessing: Preprocessing, loss: dict[str, Any] | None
+    config: TrainConfig,
+    class_names: list[str],
+    preprocessing: Preprocessing,
+    loss: dict[str, Any] | None,
+    pruned: dict[str, Any] | None = None,
 ) -> ImageClassifier:
     """A classifier for these classes, random init (pretrained weights: `load_pretrained_backbone`),
-    checked to take the input size and to log the metrics the run monitors."""
+    checked to take the input size and to log the metrics the run monitors; `pruned`: the layer widths
+    of a channel-pruned network (`init_from` of a pruned checkpoint)."""
     check_monitored_metrics(config, len(class_names))
     model = ImageClassifier(
         backbone=asdict(config.backbone),
@@ -139,6 +146,7 @@ def build_model(
         freeze=asdict(config.freeze),
         preprocessing=preprocessing.to_dict(),
         loss=loss,
+        pruned=pruned,
     )
     check_input_size(model, preprocessing.crop_size, config.backbone.name)
     return model

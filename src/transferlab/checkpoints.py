@@ -116,12 +116,14 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else "no message"
 
 
-def check_checkpoint_classes(checkpoint: dict[str, Any], path: str | Path, class_names: list[str]) -> None:
+def check_checkpoint_classes(
+    checkpoint: dict[str, Any], path: str | Path, class_names: list[str], key: str = "ckpt_path"
+) -> None:
     """The data must have exactly the classes, in the order, the checkpoint's head was trained on."""
     trained = list(checkpoint["hyper_parameters"]["class_names"])
     if trained != list(class_names):
         raise DataError(
-            f"ckpt_path={path} was trained on {len(trained)} classes {trained}, but the data has "
+            f"{key}={path} was trained on {len(trained)} classes {trained}, but the data has "
             f"{len(class_names)} classes {list(class_names)}. Use data with the same classes "
             "(data.classes=[...] keeps a subset, in the given order)."
         )

@@ -235,24 +235,51 @@ def _fit_and_evaluate(config: TrainConfig, output_dir: Path) -> dict[str, Any]:
 
 def prepare_model(config: TrainConfig, datamodule: TransferDataModule) -> ImageClassifier:
     """A classifier whose head matches the data's classes; pretrained weights loaded unless resuming."""
+    start = read_checkpoint(config.init_from, key="init_from") if config.init_from else None
+    if start is not None:
+        check_init_from(start, config, datamodule.class_names)
+    pruned = start["hyper_parameters"].get("pruned") if start is not None else None
     model = build_model(
-        config, datamodule.class_names, datamodule.preprocessing, loss_spec(config, datamodule)
+        config, datamodule.class_names, datamodule.preprocessing, loss_spec(config, datamodule), pruned
     )
     if config.distill.teacher is not None:  # also when resuming: the teacher is in no checkpoint
         teacher = load_teacher(config.distill, datamodule.class_names, datamodule.preprocessing)
         model.set_teacher(teacher, config.distill.alpha, config.distill.temperature)
-    if config.ckpt_path:
+    if start is not None:  # its network and weights; optimizer, schedule and epochs start anew
+        model.load_state_dict(start["state_dict"])
+        log.info(
+            "init_from: the network and weights of %s (backbone.weights is not loaded)", config.init_from
+        )
+        keep_measured_bn_mode(model, config, start)
+    elif config.ckpt_path:
         checkpoint = read_checkpoint(config.ckpt_path)
         check_checkpoint_classes(checkpoint, config.ckpt_path, datamodule.class_names)
-        stored = checkpoint["hyper_parameters"].get("freeze", {}).get("bn")
-        if config.freeze.bn == "adapt" and stored in ("train", "eval"):  # what the run measured at its start
-            model.set_bn_mode(stored)
+        keep_measured_bn_mode(model, config, checkpoint)
     else:
         model.load_pretrained_backbone()
         measure = config.freeze.bn == "adapt" and config.backbone.weights is not None
         if measure and not backbone_never_trains(config.freeze):  # a frozen backbone keeps its statistics
             adapt_batch_norm(model, datamodule)
     return model
+
+
+def keep_measured_bn_mode(model: ImageClassifier, config: TrainConfig, checkpoint: dict[str, Any]) -> None:
+    """freeze.bn=adapt from a checkpoint: what its run measured at its start, not a new measurement on
+    weights that already fit these images."""
+    stored = checkpoint["hyper_parameters"].get("freeze", {}).get("bn")
+    if config.freeze.bn == "adapt" and stored in ("train", "eval"):
+        model.set_bn_mode(stored)
+
+
+def check_init_from(checkpoint: dict[str, Any], config: TrainConfig, class_names: list[str]) -> None:
+    """init_from: the same classes (in order) and the same backbone as this run's config."""
+    backbone = checkpoint["hyper_parameters"]["backbone"]
+    if (backbone["source"], backbone["name"]) != (config.backbone.source, config.backbone.name):
+        raise ConfigError(
+            f"init_from={config.init_from} holds a {backbone['source']} {backbone['name']}, but this run's "
+            f"backbone is {config.backbone.source} {config.backbone.name}: use the same backbone"
+        )
+    check_checkpoint_classes(checkpoint, config.init_from, class_names, key="init_from")
 
 
 def adapt_batch_norm(model: ImageClassifier, datamodule: TransferDataModule) -> None:

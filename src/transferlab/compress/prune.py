@@ -17,16 +17,23 @@ latency or file size unless the model is stored or run sparse.
 from __future__ import annotations
 
 import logging
+import statistics
+import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-from transferlab.config.schema import PruneConfig
+from transferlab.checkpoints import read_checkpoint
+from transferlab.config.schema import OptimizeConfig, PruneConfig
 from transferlab.errors import ConfigError
+from transferlab.evaluation import checkpoint_data
+from transferlab.files import atomic_write, write_json
 from transferlab.models.classifier import ImageClassifier
 from transferlab.models.pruned import module_shapes, pruned_num_features, record_pruned_shapes
 
@@ -175,3 +182,165 @@ def prune_unstructured(model: nn.Module, amount: float) -> float:
         torch_prune.remove(module, name)  # the mask multiplied into the weight: a plain tensor again
     zeros = sum(int((m.weight == 0).sum()) for m, _ in weights)
     return zeros / sum(m.weight.numel() for m, _ in weights)
+
+
+# --- the job behind `transferlab optimize method=prune` -------------------------------------------------
+
+PRUNED_NAME = "pruned.ckpt"
+RECOVERY_DIR = "finetune"
+REPORT_NAME = "prune.json"
+LATENCY_BATCHES = (1, 32)
+
+
+def prune_checkpoint(config: OptimizeConfig) -> dict[str, Any]:
+    """Prune the checkpoint's backbone (`prune.*`), save it as pruned.ckpt, fine-tune it to recover
+    (`finetune.epochs`, a training run of its own in finetune/, with the checkpoint's run config and
+    `init_from`), and report test accuracy before pruning, after it and after the recovery, parameters,
+    MACs and eager CPU latency in prune.json. The recovered best.ckpt is an ordinary checkpoint."""
+    output_dir = Path(config.paths.output_dir)
+    checkpoint = read_checkpoint(config.ckpt_path, trust=config.trust_checkpoint)
+    from transferlab.compress.quantize import default_split  # test if the run had one, else val
+
+    saved_run = recovery_config(config, checkpoint, output_dir) if config.finetune.epochs else None
+    model = ImageClassifier(**checkpoint["hyper_parameters"])
+    model.load_state_dict(checkpoint["state_dict"])
+    check_prunable(model)
+    split = default_split(checkpoint, config.ckpt_path)
+    data = checkpoint_data(checkpoint, config.ckpt_path, config.data, split, config.seed, output_dir)
+    loader = data.datamodule.split_dataloader(split)
+    size = int(checkpoint["hyper_parameters"]["preprocessing"]["crop_size"])
+    example = torch.zeros(1, 3, size, size)
+    before = {"test/acc": accuracy(model, loader), "latency_ms": eager_latency(model, size, config)}
+    report = prune_classifier(
+        model, example, config.prune.amount, config.prune.stages, config.prune.importance
+    )
+    model = rebuild(model)
+    pruned_file = save_pruned(model, checkpoint, output_dir / PRUNED_NAME)
+    after = {"test/acc": accuracy(model, loader), "latency_ms": eager_latency(model, size, config)}
+    result = {
+        "checkpoint": str(config.ckpt_path),
+        "backbone": model.backbone_config.name,
+        "prune": {
+            "amount": config.prune.amount,
+            "stages": config.prune.stages,
+            "importance": config.prune.importance,
+        },
+        "params": {"before": report.params_before, "after": report.params_after},
+        "macs_per_image": {"before": report.macs_before, "after": report.macs_after},
+        "split": split,
+        "images": len(loader.dataset),
+        "before": before,
+        "pruned": {**after, "file": str(pruned_file)},
+        "latency": {
+            "threads": torch.get_num_threads(),
+            "runs": config.latency_runs,
+            "batches": LATENCY_BATCHES,
+        },
+    }
+    if saved_run is not None:
+        result["recovered"] = recover(
+            saved_run, pruned_file, config.finetune.epochs, output_dir / RECOVERY_DIR
+        )
+    write_json(output_dir / REPORT_NAME, result)
+    log.info("%s", summary_line(result))
+    return result
+
+
+def recovery_config(config: OptimizeConfig, checkpoint: dict[str, Any], output_dir: Path) -> DictConfig:
+    """The checkpoint's run config (<run>/.hydra/config.yaml), set to fine-tune the pruned network: every
+    stage training, `finetune.epochs` epochs, in output_dir/finetune. Read first: a missing one stops
+    the job before any work."""
+    run_dir = Path(config.ckpt_path).expanduser().resolve().parent.parent
+    saved_file = run_dir / ".hydra" / "config.yaml"
+    if not saved_file.is_file():
+        raise ConfigError(
+            f"method=prune fine-tunes with the checkpoint's run config, and {saved_file} is missing (a "
+            "checkpoint moved out of its run directory?): keep it there, or set finetune.epochs=0 to prune only"
+        )
+    saved = OmegaConf.load(saved_file)
+    with open_dict(saved):
+        saved.freeze = {"name": "full", "bn": saved.freeze.get("bn", "adapt")}
+        saved.ckpt_path, saved.resume = None, None
+        saved.tune.lr_find, saved.calibrate = False, False
+        saved.paths.output_dir = str(output_dir / RECOVERY_DIR)
+    return saved
+
+
+def recover(saved: DictConfig, pruned_file: Path, epochs: int, run_dir: Path) -> dict[str, Any]:
+    """The recovery fine-tune: a training run from the pruned network (`init_from`)."""
+    from transferlab.training import train  # the run layer's job, imported when a recovery runs
+
+    with open_dict(saved):
+        saved.init_from = str(pruned_file)
+        saved.trainer.max_epochs = epochs
+    log.info("Fine-tuning the pruned network for %d epochs in %s", epochs, run_dir)
+    metrics = train(saved)
+    return {
+        "test/acc": metrics.get("test/acc"),
+        "val/acc": metrics.get("val/acc"),
+        "epochs": epochs,
+        "best_ckpt": metrics["best_ckpt"],
+    }
+
+
+def save_pruned(model: ImageClassifier, checkpoint: dict[str, Any], path: Path) -> Path:
+    """The pruned network as a checkpoint of ours (weights and hyperparameters, its widths among them;
+    no optimizer state): eval, predict, export and init_from read it."""
+    state = {
+        "state_dict": model.state_dict(),
+        "hyper_parameters": dict(model.hparams),
+        "epoch": checkpoint.get("epoch", 0),
+        "global_step": checkpoint.get("global_step", 0),
+        "pytorch-lightning_version": checkpoint.get("pytorch-lightning_version"),
+    }
+    for key in ("datamodule_hyper_parameters", "TransferDataModule"):  # the data it was trained on
+        if key in checkpoint:
+            state[key] = checkpoint[key]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda f: torch.save(state, f))
+    return path
+
+
+@torch.no_grad()
+def accuracy(model: ImageClassifier, loader: Any) -> float:
+    logits, targets = model.logits_of(loader)
+    return float((logits.argmax(dim=1) == targets).float().mean())
+
+
+@torch.no_grad()
+def eager_latency(model: nn.Module, size: int, config: OptimizeConfig) -> dict[str, float]:
+    """Median ms per batch of the eager PyTorch model on the CPU, batch 1 and 32 (`threads` when set)."""
+    previous = torch.get_num_threads()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    model = model.eval().cpu()
+    try:
+        timings = {}
+        for batch in LATENCY_BATCHES:
+            images = torch.randn(batch, 3, size, size)
+            for _ in range(3):  # warm-up: allocation, kernel choice
+                model(images)
+            runs = []
+            for _ in range(config.latency_runs):
+                start = time.perf_counter()
+                model(images)
+                runs.append((time.perf_counter() - start) * 1000)
+            timings[f"batch{batch}"] = round(statistics.median(runs), 3)
+        return timings
+    finally:
+        torch.set_num_threads(previous)
+
+
+def summary_line(result: dict[str, Any]) -> str:
+    b, p = result["before"], result["pruned"]
+    text = (
+        f"pruned {result['backbone']}: params {result['params']['before'] / 1e6:.2f}M -> "
+        f"{result['params']['after'] / 1e6:.2f}M; test acc {b['test/acc']:.4f} -> {p['test/acc']:.4f} (no recovery)"
+    )
+    if "recovered" in result:
+        text += f" -> {result['recovered']['test/acc']:.4f} after {result['recovered']['epochs']} epochs"
+    speedup = b["latency_ms"]["batch32"] / p["latency_ms"]["batch32"]
+    return (
+        text
+        + f"; batch 32: {b['latency_ms']['batch32']:.1f} -> {p['latency_ms']['batch32']:.1f} ms ({speedup:.2f}x)"
+    )

@@ -24,11 +24,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Subset
 
 from transferlab.checkpoints import read_checkpoint
-from transferlab.config.parse import parse_tool_config
 from transferlab.config.schema import ExportConfig, OptimizeConfig, QuantizeConfig
 from transferlab.errors import ConfigError, DataError
 from transferlab.evaluation import checkpoint_data, run_splits_dir, stored_fingerprints
@@ -40,7 +38,6 @@ from transferlab.inference.export import (
     ONNX_FIRST_OPSET,
     PARITY_SPLIT,
     export_onnx,
-    refuse_preprocessing_keys,
     run_parity,
     versions,
 )
@@ -66,13 +63,6 @@ class QuantizeResult:
     card_file: Path
     report_file: Path
     report: dict[str, Any]
-
-
-def optimize(cfg: DictConfig) -> QuantizeResult:
-    """`transferlab optimize`: parse and check the config, then run the method (only `quantize` so far)."""
-    config = parse_tool_config(cfg, OptimizeConfig, "optimize.yaml")
-    refuse_preprocessing_keys("optimize")
-    return quantize(config)
 
 
 def quantize(config: OptimizeConfig) -> QuantizeResult:

@@ -729,6 +729,9 @@ class TrainConfig:
     optimized_mode: str = "${metric_mode:${optimized_metric}}"  # follows the metric (min for val/loss)
     ckpt_path: str | None = None  # start a new run from this checkpoint's full state
     resume: str | None = None  # a run directory: continue that run (its config, last.ckpt, directory)
+    # start from this checkpoint's network: its architecture (a pruned one's widths included) and weights,
+    # with a new optimizer, schedule and epoch count (e.g. the recovery fine-tune of `optimize method=prune`)
+    init_from: str | None = None
     test_after_fit: bool = True  # test the best checkpoint when the data has a test split
     # fit a temperature on the val split to the best checkpoint's logits (LBFGS on the NLL) and store it
     # in best.ckpt: predict, export and analyze use it; metrics.json gets the ECE before and after
@@ -753,6 +756,11 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_seed(self.seed, "seed")
+        if self.init_from is not None and (self.ckpt_path is not None or self.resume is not None):
+            raise ConfigError(
+                "init_from starts a new run from a checkpoint's network; ckpt_path and resume continue a run's "
+                "full state: give one of them"
+            )
         check_choice(self.optimized_mode, "optimized_mode", ("max", "min"))
         check_monitored_metric(
             self.optimized_metric, "optimized_metric", self.optimized_mode, "optimized_mode"
@@ -850,7 +858,51 @@ class ExportConfig:
         check_seed(self.seed, "seed")
 
 
-OPTIMIZE_METHODS = ("quantize",)
+PRUNE_IMPORTANCES = ("l1", "l2")  # the norm of a channel's weights that ranks it (torch-pruning's magnitude)
+
+
+@dataclass
+class PruneConfig:
+    """`optimize method=prune`: structured (channel) pruning of the backbone by torch-pruning."""
+
+    amount: float = 0.5  # fraction of the channels removed from every prunable backbone layer, in (0, 1)
+    # {stage name: fraction}: prune only these stages, each by its own fraction, instead of every layer by
+    # `amount` (a ResNet's stages: conv1+bn1, layer1 ... layer4; a wrong name lists them); null = every stage
+    stages: dict[str, float] | None = None
+    importance: str = "l1"  # l1 | l2: which channels go first, the smallest by this norm of their weights
+
+    def __post_init__(self) -> None:
+        check_fraction(self.amount, "prune.amount")
+        if self.stages is not None:
+            if not self.stages:
+                raise ConfigError("prune.stages={} names no stage; null prunes every stage by prune.amount")
+            if is_set(self, "amount"):
+                raise ConfigError(
+                    f"prune.amount={self.amount} and prune.stages: set one (the stages have their own amounts)"
+                )
+            for name, amount in self.stages.items():
+                check_fraction(amount, f"prune.stages.{name}")
+        check_choice(self.importance, "prune.importance", PRUNE_IMPORTANCES)
+
+
+@dataclass
+class RecoveryConfig:
+    """`optimize method=prune`: the fine-tune that recovers the pruned network's accuracy, a training run of
+    its own with the checkpoint's run config (<run>/.hydra/config.yaml), every stage training."""
+
+    epochs: int = 5  # 0: prune only (the report then says what pruning alone costs)
+
+    def __post_init__(self) -> None:
+        check_int(self.epochs, "finetune.epochs", 0)
+
+
+def check_fraction(value: Any, key: str) -> None:
+    """A fraction strictly between 0 and 1 (neither nothing nor everything)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1:
+        raise ConfigError(f"{key}={value!r} must be a fraction in (0, 1)")
+
+
+OPTIMIZE_METHODS = ("quantize", "prune")
 QUANT_FORMATS = ("qdq", "qoperator")
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 
@@ -886,8 +938,12 @@ class OptimizeConfig:
 
     task_name: str = "optimize"
     ckpt_path: str = MISSING  # a checkpoint of ours
-    method: str = "quantize"  # quantize (int8, ONNX Runtime)
+    method: str = (
+        "quantize"  # quantize (int8, ONNX Runtime) | prune (channels, torch-pruning, then fine-tuned)
+    )
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)  # method=prune
+    finetune: RecoveryConfig = field(default_factory=RecoveryConfig)  # method=prune: the recovery fine-tune
     latency_runs: int = 20  # timed runs per model and batch size (after warm-up); the report has the median
     threads: int = 0  # ONNX Runtime's intra-op threads for the timings; 0 = its default (one per core)
     seed: int = 42
@@ -897,6 +953,9 @@ class OptimizeConfig:
 
     def __post_init__(self) -> None:
         check_choice(self.method, "method", OPTIMIZE_METHODS)
+        for group, method in (("quantize", "quantize"), ("prune", "prune"), ("finetune", "prune")):
+            if self.method != method and is_set(self, group):
+                raise ConfigError(f"{group}.* is read only with method={method} (method={self.method})")
         check_int(self.latency_runs, "latency_runs", 1)
         check_int(self.threads, "threads", 0)
         check_seed(self.seed, "seed")
@@ -967,36 +1026,3 @@ class DemoConfig:
         check_int(self.shots, "shots", 1, optional=True)
         if not self.seeds:
             raise ConfigError("seeds must list at least one seed")
-
-
-PRUNE_IMPORTANCES = ("l1", "l2")  # the norm of a channel's weights that ranks it (torch-pruning's magnitude)
-
-
-@dataclass
-class PruneConfig:
-    """`optimize method=prune`: structured (channel) pruning of the backbone by torch-pruning."""
-
-    amount: float = 0.5  # fraction of the channels removed from every prunable backbone layer, in (0, 1)
-    # {stage name: fraction}: prune only these stages, each by its own fraction, instead of every layer by
-    # `amount` (a ResNet's stages: conv1+bn1, layer1 ... layer4; a wrong name lists them); null = every stage
-    stages: dict[str, float] | None = None
-    importance: str = "l1"  # l1 | l2: which channels go first, the smallest by this norm of their weights
-
-    def __post_init__(self) -> None:
-        check_fraction(self.amount, "prune.amount")
-        if self.stages is not None:
-            if not self.stages:
-                raise ConfigError("prune.stages={} names no stage; null prunes every stage by prune.amount")
-            if is_set(self, "amount"):
-                raise ConfigError(
-                    f"prune.amount={self.amount} and prune.stages: set one (the stages have their own amounts)"
-                )
-            for name, amount in self.stages.items():
-                check_fraction(amount, f"prune.stages.{name}")
-        check_choice(self.importance, "prune.importance", PRUNE_IMPORTANCES)
-
-
-def check_fraction(value: Any, key: str) -> None:
-    """A fraction strictly between 0 and 1 (neither nothing nor everything)."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1:
-        raise ConfigError(f"{key}={value!r} must be a fraction in (0, 1)")
