@@ -100,7 +100,10 @@ def test_bad_input_is_a_one_line_error_before_any_work(tmp_path, capsys, checkpo
     not_ours = tmp_path / "weights.ckpt"
     torch.save({"fc.weight": torch.zeros(2, 2)}, not_ours)
     cases = {
-        (f"ckpt_path={checkpoint}", "method=prune"): "method='prune' is not valid; choose one of: quantize",
+        (
+            f"ckpt_path={checkpoint}",
+            "method=sparsify",
+        ): "method='sparsify' is not valid; choose one of: quantize, prune",
         (f"ckpt_path={checkpoint}", "quantize.calibration_batches=0"): (
             "quantize.calibration_batches=0 must be an integer >= 1"
         ),
