@@ -182,6 +182,10 @@ def test_prune_job_reports_a_smaller_network_and_its_recovery(pruned_run):
         assert 0 <= report[stage]["test/acc"] <= 1
     assert report["recovered"]["epochs"] == 1 and Path(report["recovered"]["best_ckpt"]).is_file()
     assert set(report["pruned"]["latency_ms"]) == {"batch1", "batch32"}
+    assert (
+        report["pruned"]["bn_batches"] == 16
+        and 0 <= report["pruned"]["test/acc_before_bn_recalibration"] <= 1
+    )
 
 
 def test_the_pruned_and_recovered_checkpoints_are_ordinary_ones(pruned_run, tmp_path):
@@ -210,6 +214,18 @@ def test_prune_without_its_run_config_says_how_to_prune_only(trained_run, tmp_pa
         f"hydra.run.dir={tmp_path / 'q'}",
     )
     assert status != 0 and "prune.* is read only with method=prune" in "".join(capsys.readouterr())
+
+
+def test_batch_norm_recalibration_estimates_the_statistics_anew():
+    from transferlab.compress.prune import recalibrate_batch_norm
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    images = [torch.randn(8, 3, 4, 4) * 3 + 5 for _ in range(3)]
+    recalibrate_batch_norm(net, images)
+    with torch.no_grad():
+        expected = torch.cat([net[0](x) for x in images]).transpose(0, 1).reshape(4, -1).mean(dim=1)
+    torch.testing.assert_close(net[1].running_mean, expected, rtol=1e-4, atol=1e-4)
+    assert net[1].momentum == 0.1 and not net.training
 
 
 def test_init_from_is_one_way_to_start_and_needs_the_same_backbone(pruned_run, tmp_path, capsys):

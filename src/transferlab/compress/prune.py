@@ -199,7 +199,7 @@ def prune_checkpoint(config: OptimizeConfig) -> dict[str, Any]:
     MACs and eager CPU latency in prune.json. The recovered best.ckpt is an ordinary checkpoint."""
     output_dir = Path(config.paths.output_dir)
     checkpoint = read_checkpoint(config.ckpt_path, trust=config.trust_checkpoint)
-    from transferlab.compress.quantize import default_split  # test if the run had one, else val
+    from transferlab.compress.quantize import calibration_batches, default_split  # shared with quantize
 
     saved_run = recovery_config(config, checkpoint, output_dir) if config.finetune.epochs else None
     model = ImageClassifier(**checkpoint["hyper_parameters"])
@@ -215,8 +215,18 @@ def prune_checkpoint(config: OptimizeConfig) -> dict[str, Any]:
         model, example, config.prune.amount, config.prune.stages, config.prune.importance
     )
     model = rebuild(model)
+    stale = accuracy(model, loader)
+    if config.prune.bn_batches:
+        recalibrate_batch_norm(
+            model, calibration_batches(data.datamodule, config.prune.bn_batches, config.seed)
+        )
     pruned_file = save_pruned(model, checkpoint, output_dir / PRUNED_NAME)
-    after = {"test/acc": accuracy(model, loader), "latency_ms": eager_latency(model, size, config)}
+    after = {
+        "test/acc": accuracy(model, loader),
+        "test/acc_before_bn_recalibration": stale,
+        "bn_batches": config.prune.bn_batches,
+        "latency_ms": eager_latency(model, size, config),
+    }
     result = {
         "checkpoint": str(config.ckpt_path),
         "backbone": model.backbone_config.name,
@@ -263,6 +273,8 @@ def recovery_config(config: OptimizeConfig, checkpoint: dict[str, Any], output_d
         saved.ckpt_path, saved.resume = None, None
         saved.tune.lr_find, saved.calibrate = False, False
         saved.paths.output_dir = str(output_dir / RECOVERY_DIR)
+        if config.finetune.lr is not None:
+            saved.optim.lr = config.finetune.lr
     return saved
 
 
@@ -281,6 +293,27 @@ def recover(saved: DictConfig, pruned_file: Path, epochs: int, run_dir: Path) ->
         "epochs": epochs,
         "best_ckpt": metrics["best_ckpt"],
     }
+
+
+@torch.no_grad()
+def recalibrate_batch_norm(model: nn.Module, batches: list[Any]) -> None:
+    """Every batch norm's running statistics estimated anew from these batches (a cumulative average, in
+    training mode, without gradients): pruning changes what each layer receives, and the old statistics
+    then mis-normalise it (a digits ResNet-18 lost 21 points at 5 % of its channels with them)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = {norm: norm.momentum for norm in norms}
+    model.eval()
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # None: the plain average over every batch seen
+        norm.train()
+    try:
+        for images in batches:
+            model(torch.as_tensor(images))
+    finally:
+        for norm in norms:
+            norm.momentum = momenta[norm]
+        model.eval()
 
 
 def save_pruned(model: ImageClassifier, checkpoint: dict[str, Any], path: Path) -> Path:

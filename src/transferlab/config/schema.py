@@ -870,6 +870,9 @@ class PruneConfig:
     # `amount` (a ResNet's stages: conv1+bn1, layer1 ... layer4; a wrong name lists them); null = every stage
     stages: dict[str, float] | None = None
     importance: str = "l1"  # l1 | l2: which channels go first, the smallest by this norm of their weights
+    # batches of training images (evaluation transform, data.batch_size each) that re-estimate every batch
+    # norm's statistics after pruning: what each layer receives has changed; 0 keeps the old statistics
+    bn_batches: int = 16
 
     def __post_init__(self) -> None:
         check_fraction(self.amount, "prune.amount")
@@ -883,6 +886,7 @@ class PruneConfig:
             for name, amount in self.stages.items():
                 check_fraction(amount, f"prune.stages.{name}")
         check_choice(self.importance, "prune.importance", PRUNE_IMPORTANCES)
+        check_int(self.bn_batches, "prune.bn_batches", 0)
 
 
 @dataclass
@@ -891,9 +895,14 @@ class RecoveryConfig:
     its own with the checkpoint's run config (<run>/.hydra/config.yaml), every stage training."""
 
     epochs: int = 5  # 0: prune only (the report then says what pruning alone costs)
+    lr: float | None = None  # optim.lr of the fine-tune; null = the checkpoint's run's own
 
     def __post_init__(self) -> None:
         check_int(self.epochs, "finetune.epochs", 0)
+        if self.lr is not None and (
+            isinstance(self.lr, bool) or not isinstance(self.lr, int | float) or self.lr <= 0
+        ):
+            raise ConfigError(f"finetune.lr={self.lr!r} must be a positive number, or null for the run's own")
 
 
 def check_fraction(value: Any, key: str) -> None:
