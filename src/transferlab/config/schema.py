@@ -687,6 +687,8 @@ class DistillConfig:
         temperature = self.temperature
         if isinstance(temperature, bool) or not isinstance(temperature, int | float) or temperature <= 0:
             raise ConfigError(f"distill.temperature={temperature!r} must be a positive number, e.g. 4")
+        if self.teacher is not None:  # as data.root: the same file from wherever eval or resume runs
+            self.teacher = os.path.abspath(os.path.expanduser(self.teacher))
         if self.teacher is None:
             for key in ("alpha", "temperature", "trust_teacher"):
                 if is_set(self, key):
