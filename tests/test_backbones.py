@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torchvision
 from torchvision.models import get_model_weights
 
 import transferlab.backbones.sources
@@ -173,3 +174,29 @@ def test_missing_timm_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "timm", None)  # `import timm` now raises ImportError
     with pytest.raises(ConfigError, match=r"needs timm: pip install 'transferlab\[timm\]'"):
         build_backbone("timm", "resnet18")
+
+
+@pytest.mark.parametrize(
+    ("setting", "weights", "expected"), [("auto", None, 0.1), (None, None, 0.01), (0.05, None, 0.05)]
+)
+def test_bn_momentum_from_scratch_is_pytorchs_default_unless_said_otherwise(setting, weights, expected):
+    from transferlab.config import parse_group
+    from transferlab.models.classifier import set_bn_momentum
+
+    config = parse_group(
+        "backbone", {"name": "mobilenet_v3_large", "weights": weights, "bn_momentum": setting}
+    )
+    net = torchvision.models.mobilenet_v3_large(num_classes=2)  # torchvision builds it with momentum 0.01
+    set_bn_momentum(net, config.resolved_bn_momentum())
+    assert {m.momentum for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {expected}
+    pretrained = parse_group("backbone", {"name": "mobilenet_v3_large", "weights": "DEFAULT"})
+    assert pretrained.resolved_bn_momentum() is None  # from pretrained weights: the architecture's own
+
+
+def test_bad_bn_momentum_names_the_key():
+    from transferlab.config import parse_group
+
+    with pytest.raises(
+        ConfigError, match=r"backbone.bn_momentum=2 must be auto, null or a number in \(0, 1\]"
+    ):
+        parse_group("backbone", {"name": "resnet18", "bn_momentum": 2})

@@ -109,6 +109,24 @@ class BackboneConfig:
     name: str = MISSING  # a model of that source
     weights: str | None = "DEFAULT"  # a weights name of the source, a local file, or null (random init)
     trust_file: bool = False  # true: load a local weights file with full unpickling (files you trust only)
+    # batch norm's running-average momentum in training: auto = 0.1 (PyTorch's default) when the backbone
+    # starts from random weights, else the architecture's own (torchvision's MobileNetV3 uses 0.01, tuned for
+    # 600-epoch ImageNet runs: after a short run from scratch its statistics still describe the early
+    # network, and evaluation predicts one class); null = the architecture's own; or a number in (0, 1]
+    bn_momentum: Any = "auto"
+
+    def __post_init__(self) -> None:
+        value = self.bn_momentum
+        if value in (None, "auto"):
+            return
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+            raise ConfigError(f"backbone.bn_momentum={value!r} must be auto, null or a number in (0, 1]")
+
+    def resolved_bn_momentum(self) -> float | None:
+        """The momentum to set, or None to keep the architecture's own."""
+        if self.bn_momentum == "auto":
+            return 0.1 if self.weights is None else None
+        return self.bn_momentum
 
 
 # --- head -------------------------------------------------------------------------------------------

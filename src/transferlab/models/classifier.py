@@ -28,6 +28,16 @@ from transferlab.models.losses import ClassificationLoss
 from transferlab.models.metrics import classification_metrics, per_class_metrics
 from transferlab.models.pruned import apply_pruned_shapes, pruned_num_features
 
+
+def set_bn_momentum(module: nn.Module, momentum: float | None) -> None:
+    """`backbone.bn_momentum`: every batch norm's running-average momentum (None: as built)."""
+    if momentum is None:
+        return
+    for layer in module.modules():
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            layer.momentum = momentum
+
+
 VAL_METRICS_KEY = "val_metrics"  # a checkpoint's own validation metrics (on_save_checkpoint)
 
 
@@ -61,6 +71,7 @@ class ImageClassifier(L.LightningModule):
         freeze_config = parse_group("freeze", freeze)
         built = build_backbone(self.backbone_config.source, self.backbone_config.name)
         self.backbone = built.module
+        set_bn_momentum(self.backbone, self.backbone_config.resolved_bn_momentum())
         self._classifier_prefix = built.classifier_prefix
         self.num_features = built.num_features
         self.head = instantiate(to_head_kwargs(head), in_features=built.num_features, num_classes=num_classes)
