@@ -259,3 +259,27 @@ def test_lr_finder_applies_and_records_its_suggestion(fast_cfg, tmp_path):
     events = EventAccumulator(str(next(run_dir.rglob("events.out.tfevents*")).parent)).Reload()
     assert "tune/lr_find" in events.Tags()["images"]
     assert events.Scalars("tune/lr_suggestion")[0].value == pytest.approx(found["suggestion"])
+
+
+def test_a_batch_norm_mode_changed_to_train_reaches_layers_put_in_eval():
+    """freeze.bn=adapt from pretrained weights starts in eval (statistics kept until measured); the
+    measured, or stored, `train` must put the layers back in training mode: Lightning restores each
+    module's own mode and never calls train() on the model (a run from a checkpoint trained with frozen
+    statistics before this was mended)."""
+    hparams = {
+        "backbone": {"source": "torchvision", "name": "resnet18", "weights": "DEFAULT"},
+        "head": {"_target_": "transferlab.models.heads.LinearHead"},
+        "num_classes": 2,
+        "class_names": ["a", "b"],
+        "optim": {"_target_": "torch.optim.AdamW", "lr": 1e-3},
+        "scheduler": {"name": "none"},
+        "freeze": {"name": "full", "bn": "adapt"},
+        "preprocessing": {"crop_size": 32, "resize_size": 36, "mean": [0.5] * 3, "std": [0.5] * 3},
+    }
+    model = ImageClassifier(**hparams)
+    norms = [m for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert model.training and not any(m.training for m in norms)  # adapt: eval until measured
+    model.set_bn_mode("train")
+    assert all(m.training for m in norms)
+    model.set_bn_mode("eval")
+    assert not any(m.training for m in norms)

@@ -183,12 +183,17 @@ class FreezeCallback(Callback):
 
 
 def set_batchnorm_modes(backbone: nn.Module, bn: str, frozen_param_names: set[str]) -> None:
-    """After `module.train()`: BN layers in frozen stages, or all of them with bn=eval, go to eval."""
+    """BN layers in frozen stages, or all of them with bn=eval, go to eval; while the backbone trains, the
+    others go to train: a mode that changes to train (freeze.bn=adapt's measured choice, one stored in
+    the checkpoint a run starts from) must reach layers an earlier mode put in eval, since Lightning
+    restores each module's own mode rather than calling train() on the model."""
     for module_name, layer in backbone.named_modules():
         if not isinstance(layer, _BN_TYPES):
             continue
         if bn == "eval" or _is_frozen(module_name, frozen_param_names, backbone):
             layer.eval()
+        elif backbone.training:
+            layer.train()
 
 
 def _is_frozen(module_name: str, frozen_param_names: set[str], backbone: nn.Module) -> bool:
