@@ -111,8 +111,7 @@ def load_teacher(distill: DistillConfig, class_names: list[str], preprocessing: 
             f"data has {len(class_names)} classes {list(class_names)}: distill from a teacher of the same classes "
             "(data.classes=[...] keeps a subset, in the given order)"
         )
-    network = ImageClassifier(**checkpoint["hyper_parameters"])
-    network.load_state_dict(checkpoint["state_dict"])
+    network = ImageClassifier.from_checkpoint(checkpoint)
     teacher_preprocessing = checkpoint["hyper_parameters"]["preprocessing"]
     log.info(
         "Distilling from %s (backbone %s, %d px) with alpha=%s, temperature=%s",

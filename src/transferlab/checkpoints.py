@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from transferlab.errors import ConfigError, DataError
+from transferlab.models.classifier import VAL_METRICS_KEY
 
 _ZIP_MAGIC = b"PK"  # torch.save's format since torch 1.6 (Lightning's checkpoints)
 _PICKLE_MAGIC = b"\x80"  # torch.save's legacy format: a pickle (protocol 2 and up)
@@ -156,3 +157,11 @@ def checkpoint_dirs(path: str | Path) -> list[Path]:
         for key, callback in state.get("callbacks", {}).items()
         if key.startswith("ModelCheckpoint") and isinstance(callback, dict) and callback.get("dirpath")
     ]
+
+
+def stored_val_metrics(path: str) -> dict[str, float]:
+    """The validation metrics a checkpoint was saved with ({} if none): equal to validating it again, since
+    they were measured on these very weights, without the second pass over the val split. Memory-mapped:
+    only this small entry is read."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return dict(checkpoint.get(VAL_METRICS_KEY, {}))

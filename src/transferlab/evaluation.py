@@ -20,8 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
+import torch
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
+from torch.utils.data import DataLoader, Subset
 
 from transferlab.build import build_trainer, instantiate_group
 from transferlab.checkpoints import check_checkpoint_classes, read_checkpoint
@@ -427,3 +430,34 @@ def write_evaluated_list(datamodule: TransferDataModule, split: str, output_dir:
     folder = output_dir / "splits"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{split}.txt").write_text(datamodule.split_file_text(split))
+
+
+def default_split(checkpoint: dict[str, Any], ckpt_path: str) -> str:
+    """test if the checkpoint's run had a test split (its fingerprints, or its split lists), else val."""
+    fingerprints = stored_fingerprints(checkpoint)
+    if fingerprints:
+        return "test" if "test" in fingerprints else "val"
+    lists = run_splits_dir(ckpt_path)
+    if (lists / "summary.json").is_file():
+        return "test" if (lists / "test.txt").is_file() else "val"
+    return "test"
+
+
+def calibration_batches(datamodule: Any, batches: int, seed: int, key: str) -> list[np.ndarray]:
+    """`batches` batches of training images through the evaluation transform, a seeded sample of all
+    classes (the loader's order is by class: its first batches would hold one class). For int8
+    calibration and batch-norm re-estimation after pruning; `key` names the setting in the warning."""
+    dataset = datamodule.split_dataloader("train").dataset  # the evaluation transform, no augmentation
+    size = datamodule.batch_size
+    wanted = batches * size
+    if wanted > len(dataset):
+        log.warning(
+            "%s=%d x data.batch_size=%d: the training split has only %d images; using all of them",
+            key,
+            batches,
+            size,
+            len(dataset),
+        )
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:wanted]
+    loader = DataLoader(Subset(dataset, order.tolist()), batch_size=size)
+    return [images.float().contiguous().numpy() for images, _ in loader]

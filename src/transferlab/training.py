@@ -27,7 +27,7 @@ from transferlab.build import (
     load_teacher,
     loss_spec,
 )
-from transferlab.checkpoints import check_checkpoint_classes, read_checkpoint
+from transferlab.checkpoints import check_checkpoint_classes, read_checkpoint, stored_val_metrics
 from transferlab.config import TrainConfig, parse_train_config
 from transferlab.config.parse import backbone_never_trains
 from transferlab.data.datamodule import TransferDataModule
@@ -39,7 +39,7 @@ from transferlab.finetune.feature_cache import FeatureCache, use_feature_cache
 from transferlab.finetune.lr_find import find_lr
 from transferlab.launch import check_multirun_processes
 from transferlab.models.calibration import calibrate
-from transferlab.models.classifier import VAL_METRICS_KEY, ImageClassifier
+from transferlab.models.classifier import ImageClassifier
 from transferlab.models.speed import apply_speed_options, check_speed_options
 from transferlab.resume import ReseedEachEpoch, start_checkpoint
 from transferlab.runtime import is_multirun
@@ -102,14 +102,6 @@ def final_metrics(
         }
     )
     return metrics
-
-
-def stored_val_metrics(path: str) -> dict[str, float]:
-    """The validation metrics a checkpoint was saved with ({} if none): equal to validating it again, since
-    they were measured on these very weights, without the second pass over the val split. Memory-mapped:
-    only this small entry is read."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    return dict(checkpoint.get(VAL_METRICS_KEY, {}))
 
 
 def calibrate_best_checkpoint(

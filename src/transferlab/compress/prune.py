@@ -32,10 +32,11 @@ from torch.nn.utils import prune as torch_prune
 from transferlab.checkpoints import read_checkpoint
 from transferlab.config.schema import OptimizeConfig, PruneConfig
 from transferlab.errors import ConfigError
-from transferlab.evaluation import checkpoint_data
+from transferlab.evaluation import calibration_batches, checkpoint_data, default_split
 from transferlab.files import atomic_write, write_json
 from transferlab.models.classifier import ImageClassifier
 from transferlab.models.pruned import module_shapes, pruned_num_features, record_pruned_shapes
+from transferlab.training import train
 
 log = logging.getLogger(__name__)
 
@@ -166,9 +167,9 @@ def _check_output(model: nn.Module, example: torch.Tensor, expected: tuple[int, 
 def rebuild(model: ImageClassifier) -> ImageClassifier:
     """A fresh `ImageClassifier` from `model`'s hyperparameters and weights, as a checkpoint loads it:
     after pruning in place, the network to fine-tune or save (every attribute consistent)."""
-    fresh = ImageClassifier(**model.hparams)
-    fresh.load_state_dict(model.state_dict())
-    return fresh
+    return ImageClassifier.from_checkpoint(
+        {"hyper_parameters": model.hparams, "state_dict": model.state_dict()}
+    )
 
 
 def prune_unstructured(model: nn.Module, amount: float) -> float:
@@ -199,11 +200,8 @@ def prune_checkpoint(config: OptimizeConfig) -> dict[str, Any]:
     MACs and eager CPU latency in prune.json. The recovered best.ckpt is an ordinary checkpoint."""
     output_dir = Path(config.paths.output_dir)
     checkpoint = read_checkpoint(config.ckpt_path, trust=config.trust_checkpoint)
-    from transferlab.compress.quantize import calibration_batches, default_split  # shared with quantize
-
     saved_run = recovery_config(config, checkpoint, output_dir) if config.finetune.epochs else None
-    model = ImageClassifier(**checkpoint["hyper_parameters"])
-    model.load_state_dict(checkpoint["state_dict"])
+    model = ImageClassifier.from_checkpoint(checkpoint)
     check_prunable(model)
     split = default_split(checkpoint, config.ckpt_path)
     data = checkpoint_data(checkpoint, config.ckpt_path, config.data, split, config.seed, output_dir)
@@ -218,7 +216,8 @@ def prune_checkpoint(config: OptimizeConfig) -> dict[str, Any]:
     stale = accuracy(model, loader)
     if config.prune.bn_batches:
         recalibrate_batch_norm(
-            model, calibration_batches(data.datamodule, config.prune.bn_batches, config.seed)
+            model,
+            calibration_batches(data.datamodule, config.prune.bn_batches, config.seed, "prune.bn_batches"),
         )
     pruned_file = save_pruned(model, checkpoint, output_dir / PRUNED_NAME)
     after = {
@@ -280,8 +279,6 @@ def recovery_config(config: OptimizeConfig, checkpoint: dict[str, Any], output_d
 
 def recover(saved: DictConfig, pruned_file: Path, epochs: int, run_dir: Path) -> dict[str, Any]:
     """The recovery fine-tune: a training run from the pruned network (`init_from`)."""
-    from transferlab.training import train  # the run layer's job, imported when a recovery runs
-
     with open_dict(saved):
         saved.init_from = str(pruned_file)
         saved.trainer.max_epochs = epochs

@@ -24,12 +24,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 from transferlab.checkpoints import read_checkpoint
 from transferlab.config.schema import ExportConfig, OptimizeConfig, QuantizeConfig
 from transferlab.errors import ConfigError, DataError
-from transferlab.evaluation import checkpoint_data, run_splits_dir, stored_fingerprints
+from transferlab.evaluation import calibration_batches, checkpoint_data, default_split
 from transferlab.files import write_json
 from transferlab.inference.export import (
     EXAMPLE_BATCH,
@@ -74,7 +74,9 @@ def quantize(config: OptimizeConfig) -> QuantizeResult:
     # every image first: a data problem stops the run before the export and calibration take minutes
     data = checkpoint_data(checkpoint, config.ckpt_path, config.data, split, config.seed, output_dir)
     check_splits(data.datamodule, split, config)
-    calibration = calibration_batches(data.datamodule, config.quantize.calibration_batches, config.seed)
+    calibration = calibration_batches(
+        data.datamodule, config.quantize.calibration_batches, config.seed, "quantize.calibration_batches"
+    )
     model, card = inference_model(checkpoint, config.ckpt_path)
     del checkpoint
     model = model.float().eval()
@@ -105,17 +107,6 @@ def quantize(config: OptimizeConfig) -> QuantizeResult:
 # --- checks and data ------------------------------------------------------------------------------------
 
 
-def default_split(checkpoint: dict[str, Any], ckpt_path: str) -> str:
-    """test if the checkpoint's run had a test split (its fingerprints, or its split lists), else val."""
-    fingerprints = stored_fingerprints(checkpoint)
-    if fingerprints:
-        return "test" if "test" in fingerprints else "val"
-    lists = run_splits_dir(ckpt_path)
-    if (lists / "summary.json").is_file():
-        return "test" if (lists / "test.txt").is_file() else "val"
-    return "test"
-
-
 def check_splits(datamodule: Any, split: str, config: OptimizeConfig) -> None:
     """Images to calibrate on (train), to check the fp32 export on (val, as export) and to compare on."""
     counts = {name: sum(per_class.values()) for name, per_class in datamodule.class_counts().items()}
@@ -131,25 +122,6 @@ def check_splits(datamodule: Any, split: str, config: OptimizeConfig) -> None:
                 "give data with that split (data.root=...)"
                 + (" or choose quantize.split=val" if name == split == "test" else "")
             )
-
-
-def calibration_batches(datamodule: Any, batches: int, seed: int) -> list[np.ndarray]:
-    """`batches` batches of training images, a seeded sample of all classes (the loader's order is by
-    class: its first batches would set the ranges from one class), through the evaluation transform."""
-    dataset = datamodule.split_dataloader("train").dataset  # the evaluation transform, no augmentation
-    size = datamodule.batch_size
-    wanted = batches * size
-    if wanted > len(dataset):
-        log.warning(
-            "quantize.calibration_batches=%d x data.batch_size=%d: the training split has only %d images; "
-            "calibrating on all of them",
-            batches,
-            size,
-            len(dataset),
-        )
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:wanted]
-    loader = DataLoader(Subset(dataset, order.tolist()), batch_size=size)
-    return [images.float().contiguous().numpy() for images, _ in loader]
 
 
 # --- fp32, then int8 ------------------------------------------------------------------------------------

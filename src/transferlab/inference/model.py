@@ -126,7 +126,6 @@ def inference_model(checkpoint: dict, ckpt_path: str | Path) -> tuple[InferenceM
     """`load_inference_model` of a checkpoint already read (`read_checkpoint`): the file is read once."""
     from transferlab.models.classifier import ImageClassifier
 
-    classifier = ImageClassifier(**checkpoint["hyper_parameters"])  # what load_from_checkpoint does
-    classifier.load_state_dict(checkpoint["state_dict"])
+    classifier = ImageClassifier.from_checkpoint(checkpoint)
     model = InferenceModel(classifier.backbone, classifier.head, stored_temperature(checkpoint))
     return model, checkpoint_card(checkpoint, ckpt_path)

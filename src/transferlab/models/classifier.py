@@ -103,6 +103,14 @@ class ImageClassifier(L.LightningModule):
         self.teacher: Teacher | None = None
         self.distill_alpha, self.distill_temperature = 0.0, 1.0
 
+    @classmethod
+    def from_checkpoint(cls, checkpoint: dict[str, Any]) -> ImageClassifier:
+        """The network and weights of a checkpoint already read (`checkpoints.read_checkpoint`), as
+        load_from_checkpoint makes them (a pruned one's widths included), without reading the file again."""
+        model = cls(**checkpoint["hyper_parameters"])
+        model.load_state_dict(checkpoint["state_dict"])
+        return model
+
     def load_pretrained_backbone(self) -> None:
         """Fill the backbone from `backbone.weights` (a weights name, a local file, or null)."""
         config = self.backbone_config
