@@ -93,6 +93,7 @@ PROTOCOL_METHODS = (
     "check_available",
     "check_name",
     "check_weights",
+    "check_feature_map",
     "build",
     "preprocessing",
     "pretrained_state",
@@ -119,7 +120,7 @@ def test_a_new_source_module_is_discovered_without_other_edits(tmp_path, monkeyp
         "    name = 'toy'\n"
         "    def check_available(self): pass\n"
         "    def check_name(self, model): pass\n"
-        "    def build(self, model):\n"
+        "    def build(self, model, feature_map=False):\n"
         "        return Backbone(nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()), 4, 'fc')\n"
         "SOURCE = Toy()\n"
     )

@@ -33,6 +33,7 @@ from transferlab.data.transforms import Preprocessing
 from transferlab.errors import ConfigError
 from transferlab.models.classifier import ImageClassifier
 from transferlab.models.distill import Teacher
+from transferlab.models.heads import pools_feature_map
 from transferlab.models.metrics import TOP5_MIN_CLASSES
 from transferlab.resume import check_epochs_left
 
@@ -45,6 +46,8 @@ def check_run_inputs(config: TrainConfig) -> None:
     source = get_source(backbone.source)
     source.check_available()
     source.check_name(backbone.name)
+    if pools_feature_map(config.head._target_):
+        source.check_feature_map(backbone.name)
     weights = backbone.weights
     if backbone.trust_file and (weights is None or not is_weights_file(weights)):
         raise ConfigError(

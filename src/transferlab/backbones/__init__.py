@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from transferlab.backbones.registry import Backbone, BackboneSource, get_source, source_names
+from transferlab.backbones.registry import Backbone, BackboneSource, FeatureMap, get_source, source_names
 from transferlab.backbones.stages import Stage
 from transferlab.backbones.weights import is_weights_file, load_pretrained, read_weights_file
 
 __all__ = [
     "Backbone",
     "BackboneSource",
+    "FeatureMap",
     "Stage",
     "backbone_stages",
     "build_backbone",
@@ -26,11 +27,12 @@ __all__ = [
 ]
 
 
-def build_backbone(source: str, model: str) -> Backbone:
-    """Architecture only, random init, after checking the name (the error lists the valid ones)."""
+def build_backbone(source: str, model: str, feature_map: bool = False) -> Backbone:
+    """Architecture only, random init, after checking the name (the error lists the valid ones);
+    `feature_map`: its forward is `Backbone.features`, the unpooled tokens (pooling heads)."""
     backbone_source = get_source(source)
     backbone_source.check_name(model)
-    return backbone_source.build(model)
+    return backbone_source.build(model, feature_map)
 
 
 def backbone_stages(module: nn.Module, source: str) -> list[Stage]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -28,11 +29,23 @@ SOURCES_PACKAGE = "transferlab.backbones.sources"
 _LEADING = ("torchvision", "timm")
 
 
+# (backbone module, images (B, 3, H, W)) -> tokens (B, positions, channels): the unpooled feature map, a
+# CNN's spatial positions or a ViT's patch tokens. A module-level function, never a closure or bound
+# method, so that a copied model (deepcopy: weight averaging, distillation) runs its own module.
+FeatureMap = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+
+
 @dataclass
 class Backbone:
     module: nn.Module  # images (B, 3, H, W) -> pooled features (B, num_features)
-    num_features: int
-    classifier_prefix: str  # state-dict prefix of the removed classification layer, e.g. "fc"
+    num_features: int  # channels of the pooled features, or of the tokens when feature_map is set
+    classifier_prefix: str  # state-dict prefix of the removed classification layer(s), e.g. "fc"
+    # built with feature_map=True: how to run `module` to its unpooled map (pooling heads: head=gap, ...)
+    feature_map: FeatureMap | None = None
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Pooled features, or tokens (B, positions, channels) when built for a feature map."""
+        return self.feature_map(self.module, images) if self.feature_map else self.module(images)
 
 
 @runtime_checkable
@@ -53,8 +66,14 @@ class BackboneSource(Protocol):
         """ConfigError listing the valid names when `weights` (a name, not a file) is not one of `model`'s."""
         ...
 
-    def build(self, model: str) -> Backbone:
-        """Architecture only, random init, the classification layer replaced by nn.Identity."""
+    def check_feature_map(self, model: str) -> None:
+        """ConfigError naming `head` when `build(model, feature_map=True)` is known to fail."""
+        ...
+
+    def build(self, model: str, feature_map: bool = False) -> Backbone:
+        """Architecture only, random init, the classification layer replaced by nn.Identity; with
+        `feature_map`, also the layers after the last spatial map, and `Backbone.feature_map` set
+        (a ConfigError naming `head` when the architecture has no spatial map transferlab knows)."""
         ...
 
     def preprocessing(self, model: str, weights: str | None) -> Preprocessing:

@@ -104,7 +104,9 @@ def split_head_keys(
             if k.startswith(_OUR_BACKBONE_PREFIX)
         }
         head = [k for k in state if not k.startswith(_OUR_BACKBONE_PREFIX)]
-        return body, head
+        # layers a pooling head's backbone does without (VGG's fully connected ones) are skipped too
+        unused = [k for k in body if k.startswith(classifier_prefix + ".")]
+        return {k: v for k, v in body.items() if k not in unused}, head + unused
     head = [k for k in state if k.startswith(classifier_prefix + ".")]
     return {k: v for k, v in state.items() if k not in head}, head
 

@@ -162,6 +162,26 @@ class MLPHeadConfig(HeadConfig):
         check_int(self.hidden_dim, "head.hidden_dim", 1)
 
 
+@dataclass
+class GAPHeadConfig(HeadConfig):
+    """Global average pooling over the backbone's unpooled feature map (ViT: its patch tokens), then a
+    linear layer."""
+
+    _target_: str = "transferlab.models.heads.GlobalAvgPoolHead"
+
+
+@dataclass
+class AttentionHeadConfig(HeadConfig):
+    """Attention pooling over the feature map's positions (a learned query per head), then a linear layer."""
+
+    _target_: str = "transferlab.models.heads.AttentionPoolHead"
+    num_heads: int = 1  # must divide the backbone's channel count
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int(self.num_heads, "head.num_heads", 1)
+
+
 # --- optim ------------------------------------------------------------------------------------------
 
 

@@ -22,7 +22,12 @@ from transferlab.runtime import slurm_run_name
 # Hydra instantiates) tells which schema a plain mapping (a checkpoint's, a saved run's) belongs to.
 OPTIONS: dict[str, dict[str, type]] = {
     "backbone": {"backbone": s.BackboneConfig},
-    "head": {"linear": s.LinearHeadConfig, "mlp": s.MLPHeadConfig},
+    "head": {
+        "linear": s.LinearHeadConfig,
+        "mlp": s.MLPHeadConfig,
+        "gap": s.GAPHeadConfig,
+        "attention": s.AttentionHeadConfig,
+    },
     "optim": {
         "sgd": s.SGDConfig,
         "adam": s.AdamConfig,

@@ -188,11 +188,11 @@ class FeatureCache:
         """The backbone's output for a batch, the way a training or validation step would compute it."""
         model = self.model
         if trainer is None:
-            return model.backbone(batch[0].to(model.device))
+            return model.features(batch[0].to(model.device))
         precision = trainer.precision_plugin
         batch = precision.convert_input(batch)
         batch = model._on_before_batch_transfer(batch, dataloader_idx=0)
         batch = trainer.strategy.batch_to_device(batch, dataloader_idx=0)
         context = precision.train_step_context() if train else precision.val_step_context()
         with context:
-            return model.backbone(batch[0])
+            return model.features(batch[0])

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from transferlab.backbones import FeatureMap
 from transferlab.checkpoints import read_checkpoint
 from transferlab.data.transforms import Preprocessing
 from transferlab.errors import ConfigError
@@ -26,14 +27,21 @@ class InferenceModel(nn.Module):
     """Backbone + head of a checkpoint, in eval mode: images (N, 3, H, W), normalised as the card says,
     to logits divided by the checkpoint's temperature (softmax of them: calibrated probabilities)."""
 
-    def __init__(self, backbone: nn.Module, head: nn.Module, temperature: float = 1.0) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        head: nn.Module,
+        temperature: float = 1.0,
+        feature_map: FeatureMap | None = None,
+    ) -> None:
         super().__init__()
-        self.backbone, self.head = backbone, head
+        self.backbone, self.head, self.feature_map = backbone, head, feature_map
         self.register_buffer("temperature", torch.tensor(float(temperature)))
         self.eval()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(images)) / self.temperature
+        features = self.feature_map(self.backbone, images) if self.feature_map else self.backbone(images)
+        return self.head(features) / self.temperature
 
 
 @dataclass
@@ -127,5 +135,7 @@ def inference_model(checkpoint: dict, ckpt_path: str | Path) -> tuple[InferenceM
     from transferlab.models.classifier import ImageClassifier
 
     classifier = ImageClassifier.from_checkpoint(checkpoint)
-    model = InferenceModel(classifier.backbone, classifier.head, stored_temperature(checkpoint))
+    model = InferenceModel(
+        classifier.backbone, classifier.head, stored_temperature(checkpoint), classifier.feature_map
+    )
     return model, checkpoint_card(checkpoint, ckpt_path)

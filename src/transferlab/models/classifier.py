@@ -24,6 +24,7 @@ from transferlab.errors import ConfigError
 from transferlab.finetune.freeze import FreezeCallback, FrozenStages, freeze_plan, resolve_bn_mode
 from transferlab.finetune.optim import StageParams, build_optimizer, build_scheduler
 from transferlab.models.distill import Teacher, distillation_loss
+from transferlab.models.heads import pools_feature_map
 from transferlab.models.losses import ClassificationLoss
 from transferlab.models.metrics import classification_metrics, per_class_metrics
 from transferlab.models.pruned import apply_pruned_shapes, pruned_num_features
@@ -69,12 +70,19 @@ class ImageClassifier(L.LightningModule):
         self.optim_config = self._optim_config()
         self.scheduler_config = parse_group("scheduler", scheduler)
         freeze_config = parse_group("freeze", freeze)
-        built = build_backbone(self.backbone_config.source, self.backbone_config.name)
+        head_kwargs = to_head_kwargs(head)
+        # a pooling head (head=gap, attention) takes the backbone's unpooled feature map
+        built = build_backbone(
+            self.backbone_config.source,
+            self.backbone_config.name,
+            feature_map=pools_feature_map(head_kwargs["_target_"]),
+        )
         self.backbone = built.module
+        self.feature_map = built.feature_map
         set_bn_momentum(self.backbone, self.backbone_config.resolved_bn_momentum())
         self._classifier_prefix = built.classifier_prefix
         self.num_features = built.num_features
-        self.head = instantiate(to_head_kwargs(head), in_features=built.num_features, num_classes=num_classes)
+        self.head = instantiate(head_kwargs, in_features=built.num_features, num_classes=num_classes)
         if pruned:  # a channel-pruned checkpoint (compress.prune): its layer widths, before its weights load
             apply_pruned_shapes(self, pruned)
             self.num_features = pruned_num_features(self.head)
@@ -114,7 +122,7 @@ class ImageClassifier(L.LightningModule):
     def load_pretrained_backbone(self) -> None:
         """Fill the backbone from `backbone.weights` (a weights name, a local file, or null)."""
         config = self.backbone_config
-        backbone = Backbone(self.backbone, self.num_features, self._classifier_prefix)
+        backbone = Backbone(self.backbone, self.num_features, self._classifier_prefix, self.feature_map)
         load_pretrained(backbone, config.source, config.name, config.weights, trust_file=config.trust_file)
 
     def set_lr(self, lr: float) -> None:
@@ -143,8 +151,12 @@ class ImageClassifier(L.LightningModule):
     def class_names(self) -> list[str]:
         return list(self.hparams.class_names)
 
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """What the head takes: pooled features, or the unpooled tokens for a pooling head."""
+        return self.feature_map(self.backbone, images) if self.feature_map else self.backbone(images)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(images))
+        return self.head(self.features(images))
 
     @torch.no_grad()
     def logits_of(self, loader: Any) -> tuple[torch.Tensor, torch.Tensor]:

@@ -279,8 +279,11 @@ class PackagedSource:
             )
         weights_file(model)
 
-    def build(self, model: str) -> Backbone:
-        return TIMM.build(_entry(model).architecture)
+    def check_feature_map(self, model: str) -> None:
+        TIMM.check_feature_map(_entry(model).architecture)
+
+    def build(self, model: str, feature_map: bool = False) -> Backbone:
+        return TIMM.build(_entry(model).architecture, feature_map)
 
     def preprocessing(self, model: str, weights: str | None) -> Preprocessing:
         """The TF EfficientNet-Lite evaluation preprocessing, whatever the weights (there is one set)."""

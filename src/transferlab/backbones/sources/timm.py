@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from transferlab.backbones.feature_maps import map_channels, timm_map
 from transferlab.backbones.registry import Backbone
 from transferlab.backbones.stages import Groups, Stage, common_module, group_by_prefixes, to_stages, top_level
 from transferlab.backbones.weights import offline_help
@@ -23,6 +24,11 @@ def _group_matcher_groups(module: nn.Module) -> Groups:
 
     grouped = group_parameters(module, module.group_matcher(coarse=True))
     return [(common_module(names), list(names)) for _, names in sorted(grouped.items())]
+
+
+def _classifier_prefix(module: nn.Module) -> str:
+    classifier = module.pretrained_cfg.get("classifier", "fc")
+    return classifier[0] if isinstance(classifier, list | tuple) else classifier
 
 
 class TimmSource:
@@ -48,13 +54,23 @@ class TimmSource:
     def check_weights(self, model: str, weights: str) -> None:
         """Any name (`DEFAULT`, `pretrained`) means timm's default pretrained tag of `model`."""
 
-    def build(self, model: str) -> Backbone:
+    def check_feature_map(self, model: str) -> None:
+        """Nearly every timm model builds without pooling; the few that cannot are refused by `build`."""
+
+    def build(self, model: str, feature_map: bool = False) -> Backbone:
         import timm
 
-        module = timm.create_model(model, pretrained=False, num_classes=0)
-        classifier = module.pretrained_cfg.get("classifier", "fc")
-        prefix = classifier[0] if isinstance(classifier, list | tuple) else classifier
-        return Backbone(module, int(module.num_features), prefix)
+        if not feature_map:
+            module = timm.create_model(model, pretrained=False, num_classes=0)
+            return Backbone(module, int(module.num_features), _classifier_prefix(module))
+        try:  # no pooling: forward() gives the map (or tokens); the parameters are the same
+            module = timm.create_model(model, pretrained=False, num_classes=0, global_pool="")
+        except (AssertionError, ValueError, TypeError) as err:
+            raise ConfigError(
+                f"head: the pooling heads (gap, attention) need a feature map, and timm's {model} "
+                f"cannot be built without its pooling ({err}); use head=linear or head=mlp"
+            ) from None
+        return Backbone(module, map_channels(module, timm_map), _classifier_prefix(module), timm_map)
 
     def preprocessing(self, model: str, weights: str | None) -> Preprocessing:
         self.check_name(model)

@@ -12,8 +12,9 @@ from urllib.error import URLError
 import torch
 import torch.nn as nn
 import torchvision
-from torchvision.models import get_model, get_model_weights, list_models
+from torchvision.models import get_model, get_model_builder, get_model_weights, list_models
 
+from transferlab.backbones.feature_maps import check_torchvision_family, map_channels, torchvision_map
 from transferlab.backbones.registry import Backbone
 from transferlab.backbones.stages import (
     Prefixes,
@@ -155,11 +156,22 @@ class TorchvisionSource:
     def check_weights(self, model: str, weights: str) -> None:
         resolve_weights(model, weights)
 
-    def build(self, model: str) -> Backbone:
+    def check_feature_map(self, model: str) -> None:
+        """By the family its builder returns (an annotation), without building the model."""
+        family = get_model_builder(model).__annotations__.get("return")
+        check_torchvision_family(getattr(family, "__name__", str(family)))
+
+    def build(self, model: str, feature_map: bool = False) -> Backbone:
         module = get_model(model, weights=None, **_MODEL_KWARGS.get(model, {}))
         prefix, linear = _last_linear(module)
         _replace_module(module, prefix, nn.Identity())
-        return Backbone(module, linear.in_features, prefix)
+        if not feature_map:
+            return Backbone(module, linear.in_features, prefix)
+        map_function, unused = torchvision_map(module)
+        for path in unused:  # e.g. VGG's fully connected layers: pretrained weights for them are skipped
+            _replace_module(module, path, nn.Identity())
+        prefix = unused[0] if unused else prefix
+        return Backbone(module, map_channels(module, map_function), prefix, map_function)
 
     def preprocessing(self, model: str, weights: str | None) -> Preprocessing:
         self.check_name(model)
