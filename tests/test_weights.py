@@ -29,7 +29,7 @@ def test_local_torchvision_state_dict_loads_exactly(tmp_path, caplog):
     with caplog.at_level("INFO"):
         load_pretrained(backbone, "torchvision", "resnet18", str(path))
     assert_backbone_equals(backbone, source.state_dict())
-    assert "Skipped 2 classification-head tensors" in caplog.text and "fc.weight" in caplog.text
+    assert "Skipped 2 tensors outside the backbone" in caplog.text and "fc.weight" in caplog.text
 
 
 def test_checkpoint_wrappers_and_ddp_prefix_are_unwrapped(tmp_path):

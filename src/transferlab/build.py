@@ -42,11 +42,33 @@ log = logging.getLogger(__name__)
 
 def check_run_inputs(config: TrainConfig) -> None:
     """What must exist before a run starts: the backbone and its weights, the checkpoint to start from."""
-    backbone = config.backbone
+    check_backbone(config.backbone, feature_map=pools_feature_map(config.head._target_))
+    if config.init_from is not None and not Path(config.init_from).expanduser().is_file():
+        raise ConfigError(f"init_from={config.init_from}: no such file (give a checkpoint of ours)")
+    if config.distill.teacher is not None:  # read whole later, once the data's classes are known
+        teacher = Path(config.distill.teacher).expanduser()
+        if not teacher.is_file():
+            raise ConfigError(
+                f"distill.teacher={config.distill.teacher}: no such file (give a best.ckpt of ours)"
+            )
+    check_start_checkpoint(config.ckpt_path, config.resume, config.trainer)
+
+
+def check_start_checkpoint(ckpt_path: str | None, resume: str | None, trainer: dict[str, Any]) -> None:
+    """`ckpt_path` (or resume's last checkpoint) exists and has epochs left to train."""
+    if ckpt_path and not Path(ckpt_path).is_file():
+        raise ConfigError(f"ckpt_path={ckpt_path}: no such file")
+    if ckpt_path:
+        key = f"resume={resume}: its last checkpoint" if resume else "ckpt_path"
+        check_epochs_left(ckpt_path, trainer_arg(trainer, "max_epochs"), key)
+
+
+def check_backbone(backbone: BackboneConfig, feature_map: bool = False) -> None:
+    """The backbone exists (and has a feature map, when one is needed); its weights name or file does."""
     source = get_source(backbone.source)
     source.check_available()
     source.check_name(backbone.name)
-    if pools_feature_map(config.head._target_):
+    if feature_map:
         source.check_feature_map(backbone.name)
     weights = backbone.weights
     if backbone.trust_file and (weights is None or not is_weights_file(weights)):
@@ -58,21 +80,28 @@ def check_run_inputs(config: TrainConfig) -> None:
             raise ConfigError(f"backbone.weights={weights} is a directory: give the weights file in it")
         if not Path(weights).expanduser().is_file():
             raise ConfigError(f"backbone.weights={weights}: no such file")
+        check_weights_architecture(backbone)
     elif weights is not None:
         source.check_weights(backbone.name, weights)
-    if config.init_from is not None and not Path(config.init_from).expanduser().is_file():
-        raise ConfigError(f"init_from={config.init_from}: no such file (give a checkpoint of ours)")
-    if config.distill.teacher is not None:  # read whole later, once the data's classes are known
-        teacher = Path(config.distill.teacher).expanduser()
-        if not teacher.is_file():
-            raise ConfigError(
-                f"distill.teacher={config.distill.teacher}: no such file (give a best.ckpt of ours)"
-            )
-    if config.ckpt_path and not Path(config.ckpt_path).is_file():
-        raise ConfigError(f"ckpt_path={config.ckpt_path}: no such file")
-    if config.ckpt_path:
-        key = f"resume={config.resume}: its last checkpoint" if config.resume else "ckpt_path"
-        check_epochs_left(config.ckpt_path, trainer_arg(config.trainer, "max_epochs"), key)
+
+
+def check_weights_architecture(backbone: BackboneConfig) -> None:
+    """A checkpoint of ours (a training or a pretraining run) given as `backbone.weights` must hold the
+    same architecture: refused here, naming both, rather than as a list of mismatched tensors."""
+    path = Path(backbone.weights).expanduser()
+    if path.suffix != ".ckpt":
+        return
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters", {})
+    except Exception:  # not one of ours, or unreadable: loading the weights says what is wrong
+        return
+    held = saved.get("backbone") if isinstance(saved, dict) else None
+    if isinstance(held, dict) and (held.get("source"), held.get("name")) != (backbone.source, backbone.name):
+        raise ConfigError(
+            f"backbone.weights={backbone.weights} holds a {held.get('source')} {held.get('name')}, but "
+            f"backbone is {backbone.source} {backbone.name}: use backbone.name={held.get('name')} (and "
+            f"backbone.source={held.get('source')}), or weights saved from {backbone.name}"
+        )
 
 
 def preprocessing_for(backbone: BackboneConfig, data: DataConfig) -> Preprocessing:

@@ -1,5 +1,5 @@
-"""Lightning callbacks of ours: the progress display (rich bar on a terminal, plain lines otherwise) and
-the confusion matrix of a test as a TensorBoard image."""
+"""Lightning callbacks of ours: the progress display (rich bar on a terminal, plain lines otherwise), the
+confusion matrix of a test and an autoencoder's reconstructions as TensorBoard images."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, RichProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
+from torchvision.utils import make_grid
 
 from transferlab.errors import ConfigError
+from transferlab.models.pretrain import corrupt
 
 log = logging.getLogger(__name__)
 
@@ -77,3 +79,33 @@ class ConfusionMatrixImage(Callback):
                 f"{pl_module.test_split}/confusion_matrix", fig, global_step=trainer.global_step
             )
         plt.close(fig)
+
+
+class ReconstructionImages(Callback):
+    """pretrain method=autoencoder: after each validation, the first validation images, their corrupted
+    input and the reconstruction, as one TensorBoard image (`pretrain/reconstructions`: rows of input,
+    corrupted input, output)."""
+
+    SHOWN = 8
+
+    def __init__(self) -> None:
+        self.images: torch.Tensor | None = None
+
+    def on_validation_batch_end(
+        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
+    ) -> None:
+        if batch_idx == 0 and not trainer.sanity_checking:
+            self.images = batch[0][: self.SHOWN].detach()
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        tensorboards = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        if self.images is None or not tensorboards or not trainer.is_global_zero:
+            return
+        with torch.no_grad():
+            corrupted = corrupt(self.images, pl_module.method)
+            output = pl_module.reconstruct(corrupted)
+        rows = [pl_module.denormalize(x.float()).cpu() for x in (self.images, corrupted, output)]
+        grid = make_grid(torch.cat(rows), nrow=len(self.images), padding=1)
+        for logger in tensorboards:
+            logger.experiment.add_image("pretrain/reconstructions", grid, global_step=trainer.global_step)
+        self.images = None

@@ -7,6 +7,7 @@ import contextlib
 import itertools
 import logging
 import signal
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -162,12 +163,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     A continued run (resume=, a SLURM requeue) first renames the earlier attempt's error.txt and
     metrics.json (`files.keep_earlier`): kept, but neither is taken for this attempt's outcome.
     """
+    return run_job(cfg, lambda output_dir: _fit_and_evaluate(parse_train_config(cfg), output_dir))
+
+
+def run_job(cfg: DictConfig, job: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+    """`job(output_dir)` with what every run keeps: an earlier attempt's error.txt and metrics.json put
+    aside, any failure's traceback in error.txt, and SIGTERM reported as a failure (`train`)."""
     output_dir = Path(cfg.paths.output_dir)
     try:
         for name in (ERROR_FILE, METRICS_FILE) if rank_zero_only.rank == 0 else ():
             if (kept := keep_earlier(output_dir, name)) is not None:
                 log.info("The earlier attempt's %s is kept as %s", name, kept.name)
-        return _fit_and_evaluate(parse_train_config(cfg), output_dir)
+        return job(output_dir)
     except BaseException as error:
         if rank_zero_only.rank == 0:  # the run directory stays readable: config, logs, checkpoints, the error
             # on a full disk it cannot be saved: the error raised stays the one the user sees (the tool

@@ -137,7 +137,8 @@ def load_backbone_state(backbone: Backbone, state: Mapping[str, torch.Tensor], o
     log.info("Loaded backbone weights from %s (%d tensors).", origin, len(body))
     if head_keys:
         log.info(
-            "Skipped %d classification-head tensors (a new head is trained): %s",
+            "Skipped %d tensors outside the backbone (a classifier, decoder or projection head; a new head "
+            "is trained): %s",
             len(head_keys),
             ", ".join(head_keys[:6]),
         )

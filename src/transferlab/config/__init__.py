@@ -3,6 +3,7 @@
 from transferlab.config.parse import (
     parse_eval_config,
     parse_group,
+    parse_pretrain_config,
     parse_train_config,
 )
 from transferlab.config.schema import TrainConfig
@@ -13,6 +14,7 @@ __all__ = [
     "compose_config",
     "parse_eval_config",
     "parse_group",
+    "parse_pretrain_config",
     "parse_train_config",
     "register_configs",
 ]

@@ -13,12 +13,10 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
 from transferlab.config import schema as s
-from transferlab.config.store import ALIASES, DISCRIMINATORS, OPTIONS
+from transferlab.config.store import ALIASES, DISCRIMINATORS, OPTIONS, PRETRAIN_GROUPS, TRAIN_GROUPS
 from transferlab.errors import ConfigError
 
 log = logging.getLogger(__name__)
-
-GROUPS = tuple(OPTIONS)
 
 
 def schema_for(group: str, values: Mapping[str, Any]) -> type:
@@ -102,9 +100,14 @@ def _plain_config(cfg: DictConfig) -> dict[str, Any]:
 def parse_train_config(cfg: DictConfig) -> s.TrainConfig:
     """train.yaml's config as dataclasses; every check that needs neither data nor a model."""
     plain = _plain_config(cfg)
-    groups = {group: parse_group(group, plain[group]) for group in GROUPS}
+    groups = {group: parse_group(group, plain[group]) for group in TRAIN_GROUPS}
     config = build(s.TrainConfig, plain, "", "train.yaml")
     config = dataclasses.replace(config, **groups)
+    if isinstance(config.data, s.UnlabeledConfig):
+        raise ConfigError(
+            "data=unlabeled has no labels to train a classifier on: pretrain on it (pretrain.py "
+            "data=unlabeled ...), then train with data=imagefolder and backbone.weights=<its checkpoint>"
+        )
     check_trainer(config.trainer)
     check_optimizer(config.optim)
     max_epochs = _check_run_length(config.trainer)
@@ -115,6 +118,25 @@ def parse_train_config(cfg: DictConfig) -> s.TrainConfig:
     _check_unused_settings(config)
     _check_callback_monitors(config.callbacks)
     _check_cache_features(config)
+    return config
+
+
+def parse_pretrain_config(cfg: DictConfig) -> s.PretrainConfig:
+    """pretrain.yaml's config as dataclasses, with the checks training makes of the same keys."""
+    plain = _plain_config(cfg)
+    groups = {group: parse_group(group, plain[group]) for group in PRETRAIN_GROUPS}
+    config = dataclasses.replace(build(s.PretrainConfig, plain, "", "pretrain.yaml"), **groups)
+    check_trainer(config.trainer)
+    check_optimizer(config.optim)
+    max_epochs = _check_run_length(config.trainer)
+    _check_validation(config.trainer, max_epochs, config.optimized_metric)
+    _check_warmup(config.scheduler, max_epochs)
+    _check_callback_monitors(config.callbacks)
+    if isinstance(config.method, s.SimCLRConfig) and config.data.batch_size < 2:
+        raise ConfigError(
+            f"data.batch_size={config.data.batch_size}: method=simclr contrasts the images of a batch, "
+            "give at least 2 (SimCLR wants large batches: 256 and more on GPUs)"
+        )
     return config
 
 

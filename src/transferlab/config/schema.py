@@ -579,6 +579,21 @@ class ImageFolderConfig(DataConfig):
             raise ConfigError("data.root must be set for data=imagefolder: data.root=/path/to/images")
 
 
+@dataclass
+class UnlabeledConfig(DataConfig):
+    """Images without labels, for pretrain.py: every image under root, in any sub-folders (class folders
+    are allowed and ignored)."""
+
+    name: str = "unlabeled"
+    root: str | None = MISSING  # the folder of your images
+    val_fraction: float = 0.05  # held out to report the pretraining loss on images it does not train on
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.root:
+            raise ConfigError("data.root must be set for data=unlabeled: data.root=/path/to/images")
+
+
 # --- augment ----------------------------------------------------------------------------------------
 
 AUTOAUGMENT_POLICIES = ("imagenet", "cifar10", "svhn")
@@ -824,6 +839,98 @@ class EvalConfig:
     def __post_init__(self) -> None:
         check_seed(self.seed, "seed")
         check_choice(self.split, "split", SPLITS)
+
+
+# --- method: pretrain.py's self-supervised method (conf/method/) --------------------------------------
+
+CORRUPTIONS = ("none", "noise", "mask")
+
+
+@dataclass
+class MethodConfig:
+    name: str = MISSING
+
+
+@dataclass
+class AutoencoderConfig(MethodConfig):
+    """A convolutional autoencoder: the backbone's last feature map, decoded back to the image; trained on
+    min ||x - D(E(corrupt(x)))||^2 (the clean image is the target)."""
+
+    name: str = "autoencoder"
+    # none | noise (denoising: Gaussian noise of noise_std, in normalised units) | mask (square patches of
+    # mask_patch pixels blanked with probability mask_ratio)
+    corruption: str = "none"
+    noise_std: float = 0.5
+    mask_ratio: float = 0.5
+    mask_patch: int = 4
+    decoder_min_channels: int = 32  # each upsampling block halves the channels, down to this
+
+    def __post_init__(self) -> None:
+        check_choice(self.corruption, "method.corruption", CORRUPTIONS)
+        if self.noise_std <= 0:
+            raise ConfigError(f"method.noise_std={self.noise_std} must be > 0")
+        if not 0 < self.mask_ratio < 1:
+            raise ConfigError(f"method.mask_ratio={self.mask_ratio} must be in (0, 1)")
+        check_int(self.mask_patch, "method.mask_patch", 1)
+        check_int(self.decoder_min_channels, "method.decoder_min_channels", 1)
+
+
+@dataclass
+class SimCLRConfig(MethodConfig):
+    """SimCLR (Chen et al., 2020) with lightly's projection head and NT-Xent loss: two random views of each
+    image are pulled together, the batch's other images pushed apart."""
+
+    name: str = "simclr"
+    temperature: float = 0.2  # of the NT-Xent loss
+    hidden_dim: int = 512  # projection head: Linear(features, hidden) -> BN -> ReLU -> Linear(hidden, out)
+    projection_dim: int = 128
+    # the views: random resized crop of this scale range, flip (unless data.allow_hflip=false), colour
+    # jitter of this strength with probability 0.8, grayscale with probability grayscale_p
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    color_jitter: float = 0.4
+    grayscale_p: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ConfigError(f"method.temperature={self.temperature} must be > 0")
+        check_int(self.hidden_dim, "method.hidden_dim", 1)
+        check_int(self.projection_dim, "method.projection_dim", 1)
+        low, high = (float(v) for v in self.crop_scale)
+        if not 0 < low <= high <= 1:
+            raise ConfigError(f"method.crop_scale={list(self.crop_scale)} must be [low, high] in (0, 1]")
+        if not 0 <= self.color_jitter <= 1 or not 0 <= self.grayscale_p <= 1:
+            raise ConfigError("method.color_jitter and method.grayscale_p must be in [0, 1]")
+
+
+@dataclass
+class PretrainConfig:
+    """The top-level keys of pretrain.yaml: learn a backbone from unlabelled images."""
+
+    task_name: str = "pretrain"
+    seed: int = 42
+    optimized_metric: str = "val/loss"  # best.ckpt is the lowest pretraining loss on held-out images
+    optimized_mode: str = "min"
+    ckpt_path: str | None = None  # continue from this checkpoint's full state
+    resume: str | None = None  # a run directory: continue that run (its config, last.ckpt, directory)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    backbone: Any = MISSING
+    method: Any = MISSING
+    optim: Any = MISSING
+    scheduler: Any = MISSING
+    data: Any = MISSING
+    augment: Any = MISSING  # the autoencoder's; simclr makes its own views (method.*)
+    trainer: Any = MISSING
+    logger: Any = None
+    callbacks: Any = None
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+    def __post_init__(self) -> None:
+        check_seed(self.seed, "seed")
+        if (self.optimized_metric, self.optimized_mode) != ("val/loss", "min"):
+            raise ConfigError(
+                f"optimized_metric={self.optimized_metric} / optimized_mode={self.optimized_mode}: pretraining "
+                "logs val/loss only (lower is better); leave both unset"
+            )
 
 
 # --- the tools' own keys (conf/<tool>.yaml) -----------------------------------------------------------

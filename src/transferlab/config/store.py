@@ -48,7 +48,12 @@ OPTIONS: dict[str, dict[str, type]] = {
         "partial": s.PartialFinetuneConfig,
         "gradual": s.GradualUnfreezeConfig,
     },
-    "data": {"digits": s.DigitsConfig, "cifar10": s.Cifar10Config, "imagefolder": s.ImageFolderConfig},
+    "data": {
+        "digits": s.DigitsConfig,
+        "cifar10": s.Cifar10Config,
+        "imagefolder": s.ImageFolderConfig,
+        "unlabeled": s.UnlabeledConfig,  # pretrain.py only
+    },
     "augment": {
         "none": s.NoAugmentConfig,
         "basic": s.BasicAugmentConfig,
@@ -56,7 +61,10 @@ OPTIONS: dict[str, dict[str, type]] = {
         "trivialaugment": s.TrivialAugmentConfig,
         "autoaugment": s.AutoAugmentConfig,
     },
+    "method": {"autoencoder": s.AutoencoderConfig, "simclr": s.SimCLRConfig},  # pretrain.py only
 }
+TRAIN_GROUPS = tuple(group for group in OPTIONS if group != "method")
+PRETRAIN_GROUPS = ("backbone", "method", "optim", "scheduler", "data", "augment")
 DISCRIMINATORS = {"head": "_target_", "optim": "_target_"}  # the others: `name` (backbone: one schema)
 ALIASES = {"freeze": {"none": "full", "backbone": "linear_probe"}}  # the first release's names
 
@@ -92,6 +100,7 @@ def register_configs() -> None:
         for option, schema in options.items():
             store.store(group=f"schema/{group}", name=option, node=schema)
     store.store(group="schema", name="train", node=s.TrainConfig)
+    store.store(group="schema", name="pretrain", node=s.PretrainConfig)
     store.store(group="schema", name="eval", node=s.EvalConfig)
     store.store(group="schema", name="summary", node=s.SummaryConfig)
     store.store(group="schema", name="demo", node=s.DemoConfig)

@@ -20,6 +20,7 @@ from transferlab.config.schema import (
     AutoAugmentConfig,
     NoAugmentConfig,
     RandAugmentConfig,
+    SimCLRConfig,
     TrivialAugmentConfig,
 )
 from transferlab.data.transforms import Preprocessing, eval_transform, interpolation_mode, normalize
@@ -88,3 +89,40 @@ class MixingCollate:
     def __call__(self, batch: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = default_collate(batch)
         return self.mixer(images, labels)
+
+
+def contrastive_view(
+    prep: Preprocessing, method: SimCLRConfig, allow_hflip: bool = True, min_crop_scale: float | None = None
+) -> v2.Compose:
+    """One random view for SimCLR (Chen et al., 2020): crop, flip, colour jitter, grayscale, normalise."""
+    low, high = (float(v) for v in method.crop_scale)
+    if min_crop_scale is not None and low < float(min_crop_scale):
+        low, high = float(min_crop_scale), max(high, float(min_crop_scale))
+    strength = method.color_jitter
+    steps: list[v2.Transform] = [
+        v2.ToImage(),
+        v2.RGB(),
+        v2.RandomResizedCrop(
+            prep.crop_size,
+            scale=(low, high),
+            interpolation=interpolation_mode(prep.interpolation),
+            antialias=True,
+        ),
+    ]
+    if allow_hflip:
+        steps.append(v2.RandomHorizontalFlip())
+    if strength > 0:
+        jitter = v2.ColorJitter(strength, strength, strength, min(0.5, strength / 4))
+        steps.append(v2.RandomApply([jitter], p=0.8))
+    steps.append(v2.RandomGrayscale(p=method.grayscale_p))
+    return v2.Compose(steps + normalize(prep))
+
+
+class TwoViews:
+    """A dataset transform giving two independent random views of an image, stacked: (2, C, H, W)."""
+
+    def __init__(self, view: Callable) -> None:
+        self.view = view
+
+    def __call__(self, image: object) -> torch.Tensor:
+        return torch.stack([self.view(image), self.view(image)])

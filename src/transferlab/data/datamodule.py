@@ -4,6 +4,7 @@ the `augment` preset, class imbalance handling, and the files a run keeps about 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -13,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader, RandomSampler
 
 from transferlab.config.schema import SPLITS, AugmentConfig, DataConfig
-from transferlab.data.augment import MixingCollate, batch_mixer, train_transform
+from transferlab.data.augment import MixingCollate, TwoViews, batch_mixer, train_transform
 from transferlab.data.datasets import (
     DataSplits,
     Split,
@@ -66,10 +67,13 @@ class TransferDataModule(L.LightningDataModule):
         seed: int = 0,
         augment: AugmentConfig | None = None,
         splits: DataSplits | None = None,
+        views: Callable | None = None,
     ) -> None:
-        """`splits`: splits already made (eval.py: a run's stored lists) instead of building them from `data`."""
+        """`splits`: splits already made (eval.py: a run's stored lists) instead of building them from `data`;
+        `views`: a random view transform (pretrain method=simclr): train and val images become two views of it."""
         super().__init__()
         self.cfg, self.preprocessing, self.seed, self.augment = data, preprocessing, seed, augment
+        self.views = views
         # stored in our checkpoints (plain types): eval.py rebuilds the same data from them
         self.save_hyperparameters(
             {
@@ -198,6 +202,8 @@ class TransferDataModule(L.LightningDataModule):
             )
         else:
             transform = eval_transform(self.preprocessing)
+        if self.views is not None and name in ("train", "val"):
+            transform = TwoViews(self.views)
         mixer = batch_mixer(self.augment, self.num_classes) if train else None
         if mixer is not None and self.feature_cache is not None:
             raise ValueError("mixup/cutmix mixes images: their features cannot be cached")

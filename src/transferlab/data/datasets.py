@@ -34,7 +34,7 @@ from torchvision.datasets import CIFAR10
 
 from transferlab.config.schema import PIL_MAX_PIXELS, SPLITS, DataConfig, is_set
 from transferlab.data.images import IMAGE_EXTENSIONS, ImageCheck, load_rgb
-from transferlab.data.scan import FolderScan, check_images, scan_image_folder
+from transferlab.data.scan import FolderScan, check_images, scan_image_folder, scan_unlabeled_folder
 from transferlab.downloads import socket_timeout
 from transferlab.errors import ConfigError, DataError
 
@@ -333,15 +333,7 @@ def _imagefolder(cfg: DataConfig, scan: FolderScan | None = None) -> DataSplits:
     max_pixels = cfg.max_image_pixels
     if scan is None:
         scan = scan_image_folder(root, cfg.scan, max_pixels)
-    if scan.bad and not cfg.skip_bad:
-        raise DataError(bad_files_message(scan))
-    if scan.bad:
-        log.warning(
-            "Skipping %d bad image file(s) under %s (data.skip_bad=true); bad_files.txt in the run "
-            "directory lists them.",
-            len(scan.bad),
-            root,
-        )
+    _check_bad_files(cfg, scan)
     if scan.extra_classes:
         split, extra = next(iter(scan.extra_classes.items()))
         raise DataError(
@@ -361,6 +353,33 @@ def _imagefolder(cfg: DataConfig, scan: FolderScan | None = None) -> DataSplits:
         train, val = _hold_out(train, val_fraction, seed, "data.val_fraction")
         log.info("No val/ in %s: holding out a stratified part of the training images for validation.", root)
     return DataSplits(class_names, train, val, test, str(root), skipped=list(scan.bad), scan=scan)
+
+
+def _check_bad_files(cfg: DataConfig, scan: FolderScan) -> None:
+    """Stop on bad files, or skip them with `data.skip_bad=true` (listed in bad_files.txt)."""
+    if scan.bad and not cfg.skip_bad:
+        raise DataError(bad_files_message(scan))
+    if scan.bad:
+        log.warning(
+            "Skipping %d bad image file(s) under %s (data.skip_bad=true); bad_files.txt in the run "
+            "directory lists them.",
+            len(scan.bad),
+            scan.root,
+        )
+
+
+def _unlabeled(cfg: DataConfig, scan: FolderScan | None = None) -> DataSplits:
+    """data=unlabeled (pretrain.py): every image under data.root, one pseudo-class; val_fraction held out."""
+    if not Path(cfg.root).expanduser().is_dir():
+        raise DataError(f"data.root={cfg.root} does not exist or is not a folder")
+    if scan is None:
+        scan = scan_unlabeled_folder(cfg.root, cfg.scan, cfg.max_image_pixels)
+    _check_bad_files(cfg, scan)
+    whole = _file_split(scan, "train", scan.class_names, cfg.max_image_pixels)
+    if len(whole) < 2:
+        raise DataError(f"data.root={scan.root} holds {len(whole)} usable image: pretraining needs more")
+    train, val = _hold_out(whole, cfg.val_fraction, cfg.split_seed, "data.val_fraction")
+    return DataSplits(scan.class_names, train, val, None, str(scan.root), list(scan.bad), scan)
 
 
 def _check_fractions_apply(cfg: DataConfig, scan: FolderScan, has_val: bool, has_test: bool) -> None:
@@ -514,6 +533,8 @@ def _check_coverage(split: Split | None, split_name: str, class_names: list[str]
 def build_splits(cfg: DataConfig, seed: int = 0, scan: FolderScan | None = None) -> DataSplits:
     """Build the configured dataset's splits, keep `data.classes`, sample `data.shots`, cut classes to
     `data.class_fraction`, and check them. `scan`: an image folder's scan when the caller already has it."""
+    if cfg.name == "unlabeled":  # no classes: nothing to choose, sample or cover
+        return _unlabeled(cfg, scan)
     raw = _imagefolder(cfg, scan) if cfg.name == "imagefolder" else _BUILDERS[cfg.name](cfg)
     if len(raw.class_names) < 2:
         raise DataError(

@@ -17,7 +17,7 @@ from functools import partial
 from pathlib import Path
 
 from transferlab.config.schema import PIL_MAX_PIXELS, SPLITS
-from transferlab.data.images import ImageCheck, check_image, is_image_name
+from transferlab.data.images import IMAGE_EXTENSIONS, ImageCheck, check_image, is_image_name
 from transferlab.errors import DataError
 from transferlab.runtime import usable_cpu_count
 
@@ -41,7 +41,9 @@ class FolderScan:
     """An image folder sorted into usable images per split and class, bad files and ignored files."""
 
     root: Path
-    layout: str  # "splits": root/train/<class>/ (+ val/, test/); "single": root/<class>/, split by us
+    # "splits": root/train/<class>/ (+ val/, test/); "single": root/<class>/, split by us; "unlabeled":
+    # every image under root, one pseudo-class
+    layout: str
     class_names: list[str]  # the class folders of train (layout "single": of root), sorted
     images: dict[str, dict[str, list[ImageCheck]]]  # split -> class -> usable images, sorted by path
     bad: list[ImageCheck] = field(default_factory=list)  # unusable files, each with its problem
@@ -51,7 +53,7 @@ class FolderScan:
     seconds: float = 0.0
 
     def split_dir(self, split: str) -> Path:
-        return self.root if self.layout == "single" else self.root / split
+        return self.root if self.layout in ("single", UNLABELED) else self.root / split
 
     def empty_classes(self, split: str) -> list[str]:
         """Classes with no usable image in this split (folder missing, empty or holding only bad files)."""
@@ -120,6 +122,46 @@ def check_images(
     context = multiprocessing.get_context("fork")
     with ProcessPoolExecutor(min(processes, len(chunks)), mp_context=context) as pool:
         return [result for chunk in pool.map(check, chunks) for result in chunk]
+
+
+UNLABELED = "unlabeled"  # the one class of an unlabelled folder (layout "unlabeled")
+
+
+def scan_unlabeled_folder(
+    root: str | os.PathLike, mode: str = "fast", max_pixels: int = PIL_MAX_PIXELS
+) -> FolderScan:
+    """Every image under `root`, in any sub-folders (hidden ones skipped), checked like a class folder's;
+    all in one pseudo-class of the train split."""
+    started = time.monotonic()
+    root = Path(root).expanduser()
+    scan = FolderScan(root, UNLABELED, [UNLABELED], {"train": {UNLABELED: []}}, mode=mode)
+    candidates: list[Path] = []
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
+        for name in sorted(files):
+            path = Path(folder) / name
+            if is_image_name(name):
+                candidates.append(path)
+            elif not name.startswith("."):
+                scan.ignored.append(path)
+    if not candidates:
+        raise DataError(
+            f"data.root={root} holds no image files, in any sub-folder (extensions: "
+            f"{', '.join(IMAGE_EXTENSIONS)}): point data.root at the folder of your images"
+        )
+    for result in check_images(candidates, full=mode == "full", max_pixels=max_pixels):
+        (scan.images["train"][UNLABELED] if result.problem is None else scan.bad).append(result)
+    scan.seconds = time.monotonic() - started
+    log.info(
+        "Scanned %s (%s, unlabelled, recursively): %d images, %d bad, %d other files ignored, in %.1fs",
+        root,
+        mode,
+        scan.num_images(),
+        len(scan.bad),
+        len(scan.ignored),
+        scan.seconds,
+    )
+    return scan
 
 
 def scan_image_folder(
