@@ -21,6 +21,7 @@ LAYERS = {
     "run": (
         "build",
         "training",
+        "pretraining",
         "evaluation",
         "checkpoints",
         "resume",

@@ -11,7 +11,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 
 from tests.conftest import CONF_DIR, compose_config, validate
-from transferlab.config import parse_group
+from transferlab.config import parse_group, parse_pretrain_config
 from transferlab.config.schema import (
     AUTOAUGMENT_POLICIES,
     INTERPOLATIONS,
@@ -39,6 +39,10 @@ def group_options():
 @pytest.mark.parametrize(("group", "option"), list(group_options()))
 def test_every_group_option_composes_and_validates(group, option, tmp_path):
     overrides = [f"{group}={option}", *NEEDS.get((group, option), [])]
+    if group == "method" or (group, option) == ("data", "unlabeled"):  # pretrain.py's
+        cfg = compose_config([*overrides, f"data.root={tmp_path}"], tmp_path, "pretrain")
+        assert parse_pretrain_config(cfg).method.name in ("autoencoder", "simclr")
+        return
     cfg = compose_config(overrides, tmp_path)
     assert OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
     if group != "hydra":

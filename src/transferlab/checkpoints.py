@@ -20,12 +20,17 @@ _PICKLE_MAGIC = b"\x80"  # torch.save's legacy format: a pickle (protocol 2 and 
 
 
 def read_checkpoint(
-    path: str | Path, trust: bool = False, key: str = "ckpt_path", trust_key: str = "trust_checkpoint"
+    path: str | Path,
+    trust: bool = False,
+    key: str = "ckpt_path",
+    trust_key: str = "trust_checkpoint",
+    pretraining: bool = False,
 ) -> dict[str, Any]:
     """The checkpoint dict, loaded with `weights_only=True` unless the user trusts the file. Anything
     else is a ConfigError that says what the file is: missing, a directory, empty, not a PyTorch file,
     truncated, damaged, a torch file that is not our checkpoint, or one that needs full unpickling.
-    Messages name the file as `key=<file>` and the trust setting as `trust_key`."""
+    Messages name the file as `key=<file>` and the trust setting as `trust_key`. A pretraining run's
+    checkpoint (pretrain.py) is refused unless `pretraining`: it holds no classifier."""
     file = Path(path).expanduser()
     _check_is_file(file, key)
     try:
@@ -34,7 +39,7 @@ def read_checkpoint(
         raise ConfigError(f"{key}={file} cannot be read ({err.strerror or err})") from err
     except Exception as err:
         raise ConfigError(f"{key}={file} {_why_unreadable(file, err, trust, trust_key)}") from err
-    _check_is_ours(file, checkpoint, key)
+    _check_is_ours(file, checkpoint, key, pretraining)
     return checkpoint
 
 
@@ -93,7 +98,7 @@ def _unsafe_globals(file: Path) -> list[str]:
         return []
 
 
-def _check_is_ours(file: Path, checkpoint: Any, key: str) -> None:
+def _check_is_ours(file: Path, checkpoint: Any, key: str, pretraining: bool = False) -> None:
     """A torch file that is not our Lightning checkpoint: say what it is instead."""
     if not isinstance(checkpoint, dict):
         raise ConfigError(f"{key}={file} holds a {type(checkpoint).__name__}, not a checkpoint")
@@ -105,6 +110,13 @@ def _check_is_ours(file: Path, checkpoint: Any, key: str) -> None:
             )
         raise ConfigError(f"{key}={file} is not a Lightning checkpoint (it has no state_dict)")
     hparams = checkpoint.get("hyper_parameters")
+    if isinstance(hparams, dict) and "method" in hparams and "class_names" not in hparams:
+        if pretraining:
+            return
+        raise ConfigError(
+            f"{key}={file} is a pretraining checkpoint (pretrain.py), which holds a backbone but no "
+            f"classifier: fine-tune it with train.py backbone.weights={file}"
+        )
     if not isinstance(hparams, dict) or "class_names" not in hparams:
         raise ConfigError(
             f"{key}={file} is a Lightning checkpoint of another model, not of transferlab "

@@ -59,7 +59,7 @@ def _check_in_place(run_dir: Path, ckpt: Path) -> None:
 def check_epochs_left(ckpt_path: str | Path, max_epochs: int, key: str) -> None:
     """A checkpoint that has completed trainer.max_epochs epochs would make fit() return at once, and the
     run would report metrics it did not train for."""
-    done = checkpoint_epochs(read_checkpoint(ckpt_path))
+    done = checkpoint_epochs(read_checkpoint(ckpt_path, pretraining=True))
     if done >= max_epochs:
         raise ConfigError(
             f"{key}={ckpt_path} has completed {done} epochs, so trainer.max_epochs={max_epochs} leaves none "

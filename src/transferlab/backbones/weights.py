@@ -128,10 +128,17 @@ def load_backbone_state(backbone: Backbone, state: Mapping[str, torch.Tensor], o
             if keys:
                 shown = ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
                 problems.append(f"  {label}: {shown}")
+        top = backbone.classifier_prefix.split(".")[0] + "."
+        hint = (
+            f"\nThe file has no {top[:-1]} layers: it was saved for a pooling head (or by pretrain.py), "
+            "which does without them; fine-tune it with head=gap or head=attention."
+            if missing and not unexpected and not mismatched and all(k.startswith(top) for k in missing)
+            else "\nCheck that backbone.name matches the architecture the weights were saved from."
+        )
         raise WeightsError(
             f"backbone.weights: {origin} does not fit this backbone ({type(backbone.module).__name__}).\n"
             + "\n".join(problems)
-            + "\nCheck that backbone.name matches the architecture the weights were saved from."
+            + hint
         )
     backbone.module.load_state_dict(body, strict=True)
     log.info("Loaded backbone weights from %s (%d tensors).", origin, len(body))
