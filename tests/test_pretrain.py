@@ -36,7 +36,7 @@ TINY = [
 def autoencoder(source: str, name: str, size: int = 32) -> Pretrainer:
     return Pretrainer(
         backbone={"source": source, "name": name, "weights": None},
-        method={"name": "autoencoder"},
+        method={"name": "autoencoder"},  # a checkpoint's: the chosen method's keys, with its name
         optim={"_target_": "torch.optim.AdamW", "lr": 1e-3},
         scheduler={"name": "none"},
         preprocessing={**PREPROCESSING, "crop_size": size},
@@ -92,7 +92,7 @@ def pretrained(tmp_path_factory) -> Path:
         *TINY,
         f"data.root={root}",
         "data.val_fraction=0.25",
-        "method.corruption=noise",
+        "autoencoder.corruption=noise",
         "trainer.max_epochs=2",
         f"hydra.run.dir={run_dir}",
     ]
@@ -174,8 +174,14 @@ def test_a_backbone_without_a_spatial_map_is_refused_naming_cnn_choices(tmp_path
         check_pretrain_inputs(config)
 
 
-def test_unlabeled_data_is_refused_by_train_and_simclr_needs_batches(fast_cfg, tmp_path):
+def test_unlabeled_data_is_refused_by_train_and_the_method_keys_are_checked(fast_cfg, tmp_path):
     with pytest.raises(ConfigError, match="data=unlabeled has no labels"):
         validate(fast_cfg("data=unlabeled", f"data.root={tmp_path}"))
     with pytest.raises(ConfigError, match="method=simclr contrasts the images of a batch"):
         pretrain_config(tmp_path, "method=simclr", "data.batch_size=1")
+    with pytest.raises(
+        ConfigError, match=r"simclr.\* is read only with method=simclr \(method=autoencoder\)"
+    ):
+        pretrain_config(tmp_path, "simclr.temperature=0.1")
+    with pytest.raises(ConfigError, match="method='byol' is not valid; choose one of: autoencoder, simclr"):
+        pretrain_config(tmp_path, "method=byol")

@@ -65,9 +65,9 @@ def build_pretrain_datamodule(config: PretrainConfig) -> TransferDataModule:
     preprocessing = preprocessing_for(config.backbone, config.data)
     log.info("Preprocessing: %s", preprocessing)
     views = None
-    if isinstance(config.method, SimCLRConfig):
+    if isinstance(config.method_config, SimCLRConfig):
         views = contrastive_view(
-            preprocessing, config.method, config.data.allow_hflip, config.data.min_crop_scale
+            preprocessing, config.method_config, config.data.allow_hflip, config.data.min_crop_scale
         )
     return TransferDataModule(config.data, preprocessing, config.seed, config.augment, views=views)
 
@@ -78,7 +78,7 @@ def _fit(config: PretrainConfig, output_dir: Path) -> dict[str, Any]:
     config = replace(config, ckpt_path=start_checkpoint(config.ckpt_path, output_dir))
     loggers = instantiate_group(config.logger)
     callbacks = [*instantiate_group(config.callbacks), ReseedEachEpoch(config.seed)]
-    if isinstance(config.method, AutoencoderConfig):
+    if isinstance(config.method_config, AutoencoderConfig):
         callbacks.append(ReconstructionImages())
     trainer = build_trainer(config.trainer, callbacks, loggers)  # Lightning checks its arguments: before data
     L.seed_everything(config.seed, workers=True)
@@ -87,7 +87,7 @@ def _fit(config: PretrainConfig, output_dir: Path) -> dict[str, Any]:
     datamodule.setup("fit")
     model = Pretrainer(
         backbone=asdict(config.backbone),
-        method=asdict(config.method),
+        method=asdict(config.method_config),
         optim=asdict(config.optim),
         scheduler=asdict(config.scheduler),
         preprocessing=datamodule.preprocessing.to_dict(),
@@ -107,12 +107,12 @@ def _fit(config: PretrainConfig, output_dir: Path) -> dict[str, Any]:
         if trainer.is_global_zero:
             write_json(output_dir / METRICS_FILE, metrics)
             log_final_hparams(
-                loggers, {"method": config.method.name, "backbone": config.backbone.name}, metrics
+                loggers, {"method": config.method, "backbone": config.backbone.name}, metrics
             )
         log.info(
             "Pretrained %s (%s): best val/loss %s. Fine-tune it: train.py backbone.weights=%s",
             config.backbone.name,
-            config.method.name,
+            config.method,
             metrics["val/loss"],
             metrics["best_ckpt"] or metrics["last_ckpt"],
         )
@@ -130,7 +130,7 @@ def _results(trainer: L.Trainer, output_dir: Path) -> dict[str, Any]:
     score = best.best_model_score if best is not None else trainer.callback_metrics.get("val/loss")
     return {
         "val/loss": float(score) if score is not None else None,
-        "best_ckpt": best.best_model_path or None if best is not None else None,
+        "best_ckpt": (best.best_model_path or None) if best is not None else None,
         "last_ckpt": str(last) if last.is_file() else None,
         "epochs_trained": trainer.current_epoch,
     }

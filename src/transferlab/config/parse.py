@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
 from transferlab.config import schema as s
-from transferlab.config.store import ALIASES, DISCRIMINATORS, OPTIONS, PRETRAIN_GROUPS, TRAIN_GROUPS
+from transferlab.config.store import ALIASES, DISCRIMINATORS, OPTIONS, PRETRAIN_GROUPS
 from transferlab.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ def _plain_config(cfg: DictConfig) -> dict[str, Any]:
 def parse_train_config(cfg: DictConfig) -> s.TrainConfig:
     """train.yaml's config as dataclasses; every check that needs neither data nor a model."""
     plain = _plain_config(cfg)
-    groups = {group: parse_group(group, plain[group]) for group in TRAIN_GROUPS}
+    groups = {group: parse_group(group, plain[group]) for group in OPTIONS}
     config = build(s.TrainConfig, plain, "", "train.yaml")
     config = dataclasses.replace(config, **groups)
     if isinstance(config.data, s.UnlabeledConfig):
@@ -132,12 +132,20 @@ def parse_pretrain_config(cfg: DictConfig) -> s.PretrainConfig:
     _check_validation(config.trainer, max_epochs, config.optimized_metric)
     _check_warmup(config.scheduler, max_epochs)
     _check_callback_monitors(config.callbacks)
-    if isinstance(config.method, s.SimCLRConfig) and config.data.batch_size < 2:
+    if config.method == "simclr" and config.data.batch_size < 2:
         raise ConfigError(
             f"data.batch_size={config.data.batch_size}: method=simclr contrasts the images of a batch, "
             "give at least 2 (SimCLR wants large batches: 256 and more on GPUs)"
         )
     return config
+
+
+def parse_pretrain_method(values: Mapping[str, Any]) -> s.AutoencoderConfig | s.SimCLRConfig:
+    """A pretraining checkpoint's method (its keys, with its `name`) as the schema's dataclass."""
+    name = values.get("name")
+    if name not in s.PRETRAIN_METHODS:
+        raise ConfigError(f"method={name!r} is not valid; choose one of: {', '.join(s.PRETRAIN_METHODS)}")
+    return build(s.PRETRAIN_METHODS[name], values, f"{name}.", f"method={name}")
 
 
 def backbone_never_trains(freeze: s.FreezeConfig) -> bool:

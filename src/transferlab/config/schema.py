@@ -841,22 +841,17 @@ class EvalConfig:
         check_choice(self.split, "split", SPLITS)
 
 
-# --- method: pretrain.py's self-supervised method (conf/method/) --------------------------------------
+# --- pretrain.py: its self-supervised methods, each keyed by its name (autoencoder.*, simclr.*) ---------
 
 CORRUPTIONS = ("none", "noise", "mask")
 
 
 @dataclass
-class MethodConfig:
-    name: str = MISSING
-
-
-@dataclass
-class AutoencoderConfig(MethodConfig):
+class AutoencoderConfig:
     """A convolutional autoencoder: the backbone's last feature map, decoded back to the image; trained on
     min ||x - D(E(corrupt(x)))||^2 (the clean image is the target)."""
 
-    name: str = "autoencoder"
+    name: str = "autoencoder"  # kept with the keys in checkpoints, which hold the chosen method's only
     # none | noise (denoising: Gaussian noise of noise_std, in normalised units) | mask (square patches of
     # mask_patch pixels blanked with probability mask_ratio)
     corruption: str = "none"
@@ -866,17 +861,17 @@ class AutoencoderConfig(MethodConfig):
     decoder_min_channels: int = 32  # each upsampling block halves the channels, down to this
 
     def __post_init__(self) -> None:
-        check_choice(self.corruption, "method.corruption", CORRUPTIONS)
+        check_choice(self.corruption, "autoencoder.corruption", CORRUPTIONS)
         if self.noise_std <= 0:
-            raise ConfigError(f"method.noise_std={self.noise_std} must be > 0")
+            raise ConfigError(f"autoencoder.noise_std={self.noise_std} must be > 0")
         if not 0 < self.mask_ratio < 1:
-            raise ConfigError(f"method.mask_ratio={self.mask_ratio} must be in (0, 1)")
-        check_int(self.mask_patch, "method.mask_patch", 1)
-        check_int(self.decoder_min_channels, "method.decoder_min_channels", 1)
+            raise ConfigError(f"autoencoder.mask_ratio={self.mask_ratio} must be in (0, 1)")
+        check_int(self.mask_patch, "autoencoder.mask_patch", 1)
+        check_int(self.decoder_min_channels, "autoencoder.decoder_min_channels", 1)
 
 
 @dataclass
-class SimCLRConfig(MethodConfig):
+class SimCLRConfig:
     """SimCLR (Chen et al., 2020) with lightly's projection head and NT-Xent loss: two random views of each
     image are pulled together, the batch's other images pushed apart."""
 
@@ -892,14 +887,18 @@ class SimCLRConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:
-            raise ConfigError(f"method.temperature={self.temperature} must be > 0")
-        check_int(self.hidden_dim, "method.hidden_dim", 1)
-        check_int(self.projection_dim, "method.projection_dim", 1)
-        low, high = (float(v) for v in self.crop_scale)
+            raise ConfigError(f"simclr.temperature={self.temperature} must be > 0")
+        check_int(self.hidden_dim, "simclr.hidden_dim", 1)
+        check_int(self.projection_dim, "simclr.projection_dim", 1)
+        self.crop_scale = tuple(float(v) for v in self.crop_scale)  # a list from YAML
+        low, high = self.crop_scale
         if not 0 < low <= high <= 1:
-            raise ConfigError(f"method.crop_scale={list(self.crop_scale)} must be [low, high] in (0, 1]")
+            raise ConfigError(f"simclr.crop_scale={list(self.crop_scale)} must be [low, high] in (0, 1]")
         if not 0 <= self.color_jitter <= 1 or not 0 <= self.grayscale_p <= 1:
-            raise ConfigError("method.color_jitter and method.grayscale_p must be in [0, 1]")
+            raise ConfigError("simclr.color_jitter and simclr.grayscale_p must be in [0, 1]")
+
+
+PRETRAIN_METHODS: dict[str, type] = {"autoencoder": AutoencoderConfig, "simclr": SimCLRConfig}
 
 
 @dataclass
@@ -913,12 +912,14 @@ class PretrainConfig:
     ckpt_path: str | None = None  # continue from this checkpoint's full state
     resume: str | None = None  # a run directory: continue that run (its config, last.ckpt, directory)
     model: ModelConfig = field(default_factory=ModelConfig)
+    method: str = "autoencoder"  # autoencoder | simclr: its keys are autoencoder.* or simclr.*
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    simclr: SimCLRConfig = field(default_factory=SimCLRConfig)
     backbone: Any = MISSING
-    method: Any = MISSING
     optim: Any = MISSING
     scheduler: Any = MISSING
     data: Any = MISSING
-    augment: Any = MISSING  # the autoencoder's; simclr makes its own views (method.*)
+    augment: Any = MISSING  # the autoencoder's; simclr makes its own views (simclr.*)
     trainer: Any = MISSING
     logger: Any = None
     callbacks: Any = None
@@ -926,11 +927,20 @@ class PretrainConfig:
 
     def __post_init__(self) -> None:
         check_seed(self.seed, "seed")
+        check_choice(self.method, "method", tuple(PRETRAIN_METHODS))
+        for name in PRETRAIN_METHODS:
+            if self.method != name and is_set(self, name):
+                raise ConfigError(f"{name}.* is read only with method={name} (method={self.method})")
         if (self.optimized_metric, self.optimized_mode) != ("val/loss", "min"):
             raise ConfigError(
                 f"optimized_metric={self.optimized_metric} / optimized_mode={self.optimized_mode}: pretraining "
                 "logs val/loss only (lower is better); leave both unset"
             )
+
+    @property
+    def method_config(self) -> AutoencoderConfig | SimCLRConfig:
+        """The chosen method's keys."""
+        return getattr(self, self.method)
 
 
 # --- the tools' own keys (conf/<tool>.yaml) -----------------------------------------------------------

@@ -61,10 +61,8 @@ OPTIONS: dict[str, dict[str, type]] = {
         "trivialaugment": s.TrivialAugmentConfig,
         "autoaugment": s.AutoAugmentConfig,
     },
-    "method": {"autoencoder": s.AutoencoderConfig, "simclr": s.SimCLRConfig},  # pretrain.py only
 }
-TRAIN_GROUPS = tuple(group for group in OPTIONS if group != "method")
-PRETRAIN_GROUPS = ("backbone", "method", "optim", "scheduler", "data", "augment")
+PRETRAIN_GROUPS = ("backbone", "optim", "scheduler", "data", "augment")
 DISCRIMINATORS = {"head": "_target_", "optim": "_target_"}  # the others: `name` (backbone: one schema)
 ALIASES = {"freeze": {"none": "full", "backbone": "linear_probe"}}  # the first release's names
 

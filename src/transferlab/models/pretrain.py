@@ -16,6 +16,7 @@ from torch import nn
 
 from transferlab.backbones import Backbone, build_backbone, load_pretrained
 from transferlab.config import parse_group
+from transferlab.config.parse import parse_pretrain_method
 from transferlab.config.schema import AutoencoderConfig, SimCLRConfig
 from transferlab.errors import ConfigError
 from transferlab.finetune.optim import StageParams, build_optimizer, build_scheduler
@@ -86,7 +87,7 @@ class Pretrainer(L.LightningModule):
         super().__init__()
         self.save_hyperparameters(logger=False)
         self.backbone_config = parse_group("backbone", backbone)
-        self.method = parse_group("method", method)
+        self.method = parse_pretrain_method(method)
         self.optim_config = parse_group("optim", optim)
         self.optim_config.resolve_backbone_lr_mult(pretrained=False)  # one rate for the whole network
         self.scheduler_config = parse_group("scheduler", scheduler)
