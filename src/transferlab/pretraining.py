@@ -106,9 +106,7 @@ def _fit(config: PretrainConfig, output_dir: Path) -> dict[str, Any]:
         metrics = _results(trainer, output_dir)
         if trainer.is_global_zero:
             write_json(output_dir / METRICS_FILE, metrics)
-            log_final_hparams(
-                loggers, {"method": config.method, "backbone": config.backbone.name}, metrics
-            )
+            log_final_hparams(loggers, {"method": config.method, "backbone": config.backbone.name}, metrics)
         log.info(
             "Pretrained %s (%s): best val/loss %s. Fine-tune it: train.py backbone.weights=%s",
             config.backbone.name,
