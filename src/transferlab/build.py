@@ -18,7 +18,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from transferlab.backbones import get_source, is_weights_file
 from transferlab.callbacks import ConfusionMatrixImage
-from transferlab.checkpoints import read_checkpoint
+from transferlab.checkpoints import read_checkpoint, stored_hyperparameters
 from transferlab.config.parse import trainer_arg
 from transferlab.config.schema import (
     AugmentConfig,
@@ -88,14 +88,7 @@ def check_backbone(backbone: BackboneConfig, feature_map: bool = False) -> None:
 def check_weights_architecture(backbone: BackboneConfig) -> None:
     """A checkpoint of ours (a training or a pretraining run) given as `backbone.weights` must hold the
     same architecture: refused here, naming both, rather than as a list of mismatched tensors."""
-    path = Path(backbone.weights).expanduser()
-    if path.suffix != ".ckpt":
-        return
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters", {})
-    except Exception:  # not one of ours, or unreadable: loading the weights says what is wrong
-        return
-    held = saved.get("backbone") if isinstance(saved, dict) else None
+    held = (stored_hyperparameters(backbone.weights) or {}).get("backbone")
     if isinstance(held, dict) and (held.get("source"), held.get("name")) != (backbone.source, backbone.name):
         raise ConfigError(
             f"backbone.weights={backbone.weights} holds a {held.get('source')} {held.get('name')}, but "

@@ -177,3 +177,16 @@ def stored_val_metrics(path: str) -> dict[str, float]:
     only this small entry is read."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     return dict(checkpoint.get(VAL_METRICS_KEY, {}))
+
+
+def stored_hyperparameters(path: str | Path) -> dict[str, Any] | None:
+    """A `.ckpt` file's hyperparameters (memory-mapped: only they are read), or None for any other file
+    (a state_dict, a torchvision download, one that cannot be read: its loading says what is wrong)."""
+    if Path(path).suffix != ".ckpt":
+        return None
+    try:
+        checkpoint = torch.load(Path(path).expanduser(), map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return None
+    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    return hparams if isinstance(hparams, dict) else None

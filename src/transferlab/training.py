@@ -28,7 +28,12 @@ from transferlab.build import (
     load_teacher,
     loss_spec,
 )
-from transferlab.checkpoints import check_checkpoint_classes, read_checkpoint, stored_val_metrics
+from transferlab.checkpoints import (
+    check_checkpoint_classes,
+    read_checkpoint,
+    stored_hyperparameters,
+    stored_val_metrics,
+)
 from transferlab.config import TrainConfig, parse_train_config
 from transferlab.config.parse import backbone_never_trains
 from transferlab.data.datamodule import TransferDataModule
@@ -282,7 +287,18 @@ def check_init_from(checkpoint: dict[str, Any], config: TrainConfig, class_names
 
 
 def adapt_batch_norm(model: ImageClassifier, datamodule: TransferDataModule) -> None:
-    """freeze.bn=adapt: keep the pretrained batch-norm statistics only if the training images fit them."""
+    """freeze.bn=adapt: keep the pretrained batch-norm statistics only if the training images fit them;
+    a backbone from pretrain.py always updates them."""
+    method = (stored_hyperparameters(model.backbone_config.weights) or {}).get("method")
+    if isinstance(method, dict):
+        # its statistics fit the images it was pretrained on, but kept frozen while every layer trains, 7
+        # of 18 fine-tunes on digits collapsed to chance; updated, none of 6 (experiments/unsupervised_pretraining)
+        model.set_bn_mode("train")
+        log.info(
+            "freeze.bn=adapt: the backbone comes from pretrain.py (%s): statistics updated",
+            method.get("name"),
+        )
+        return
     images = (batch for batch, _ in datamodule.split_dataloader("train"))
     # the loader draws a seed from torch's generator: fork it, so that training's random stream is unchanged
     with torch.random.fork_rng(devices=[]):
