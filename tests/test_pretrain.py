@@ -17,6 +17,7 @@ from transferlab.config.schema import AutoencoderConfig
 from transferlab.errors import ConfigError
 from transferlab.models.pretrain import ConvDecoder, Pretrainer, corrupt, tokens_to_map
 from transferlab.pretraining import check_pretrain_inputs
+from transferlab.training import adapt_batch_norm
 
 PREPROCESSING = {"crop_size": 32, "resize_size": 36, "mean": [0.5] * 3, "std": [0.25] * 3}
 CNN_FAMILIES = {  # source, name: one small member of each CNN family
@@ -124,6 +125,10 @@ def test_a_pretrain_checkpoint_loads_as_backbone_weights_encoder_equal(pretraine
     model.load_pretrained_backbone()
     encoder = {k.removeprefix("backbone."): v for k, v in saved.items() if k.startswith("backbone.")}
     assert encoder and all(torch.equal(model.backbone.state_dict()[k], v) for k, v in encoder.items())
+    # freeze.bn=adapt (the default) updates a pretrained backbone's statistics without measuring them
+    assert config.freeze.bn == "adapt" and model.frozen_stages.bn_mode != "train"
+    adapt_batch_norm(model, datamodule=None)  # no images read
+    assert model.frozen_stages.bn_mode == "train" and model.hparams.freeze["bn"] == "train"
 
 
 def test_a_pretrain_checkpoint_of_another_architecture_is_refused_before_data(pretrained, fast_cfg):
