@@ -94,7 +94,6 @@ def pretrained(tmp_path_factory) -> Path:
         f"data.root={root}",
         "data.val_fraction=0.25",
         "autoencoder.corruption=noise",
-        "trainer.max_epochs=2",
         f"hydra.run.dir={run_dir}",
     ]
     assert run_tool("pretrain", *overrides) == 0
