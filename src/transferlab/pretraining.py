@@ -12,6 +12,7 @@ from typing import Any
 import lightning as L
 from omegaconf import DictConfig
 
+from transferlab.backbones import get_source
 from transferlab.build import (
     build_trainer,
     check_backbone,
@@ -43,11 +44,10 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
 
 def check_pretrain_inputs(config: PretrainConfig) -> None:
     """The backbone has a feature map to learn from; its weights and the checkpoint to continue exist."""
+    check_backbone(config.backbone)
     try:
-        check_backbone(config.backbone, feature_map=True)
-    except ConfigError as error:
-        if not str(error).startswith("head:"):
-            raise
+        get_source(config.backbone.source).check_feature_map(config.backbone.name)
+    except ConfigError:
         raise ConfigError(
             f"pretrain: backbone {config.backbone.name} has no spatial feature map transferlab knows, which "
             "pretraining learns: choose a CNN backbone (backbone=resnet18, resnet50, efficientnet_b0, "
