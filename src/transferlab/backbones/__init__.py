@@ -8,7 +8,14 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from transferlab.backbones.registry import Backbone, BackboneSource, FeatureMap, get_source, source_names
+from transferlab.backbones.registry import (
+    Backbone,
+    BackboneSource,
+    FeatureMap,
+    get_source,
+    run_backbone,
+    source_names,
+)
 from transferlab.backbones.stages import Stage
 from transferlab.backbones.weights import is_weights_file, load_pretrained, read_weights_file
 
@@ -23,6 +30,7 @@ __all__ = [
     "is_weights_file",
     "load_pretrained",
     "read_weights_file",
+    "run_backbone",
     "source_names",
 ]
 

@@ -134,17 +134,21 @@ def probe_size(module: nn.Module) -> int:
 
 
 @torch.no_grad()
-def map_channels(module: nn.Module, feature_map: FeatureMap) -> int:
-    """Channels of the map, from one small image (in eval mode: batch norm of a 1x1 map in train
-    mode would refuse it); the module's mode is restored."""
+def probe_tokens(module: nn.Module, feature_map: FeatureMap, size: int) -> torch.Tensor:
+    """The tokens of one blank `size` image, in eval mode (batch norm of a 1x1 map in train mode would
+    refuse it); the module's mode is restored."""
     was_training = module.training
     module.eval()
     try:
-        size = probe_size(module)
-        try:
-            tokens = feature_map(module, torch.zeros(1, 3, size, size))
-        except RuntimeError:  # a network too deep for 64 px (Inception-like stems)
-            tokens = feature_map(module, torch.zeros(1, 3, 224, 224))
+        return feature_map(module, torch.zeros(1, 3, size, size))
     finally:
         module.train(was_training)
+
+
+def map_channels(module: nn.Module, feature_map: FeatureMap) -> int:
+    """Channels of the map, from one small image."""
+    try:
+        tokens = probe_tokens(module, feature_map, probe_size(module))
+    except RuntimeError:  # a network too deep for 64 px (Inception-like stems)
+        tokens = probe_tokens(module, feature_map, 224)
     return int(tokens.shape[-1])

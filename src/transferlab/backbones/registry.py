@@ -45,7 +45,12 @@ class Backbone:
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Pooled features, or tokens (B, positions, channels) when built for a feature map."""
-        return self.feature_map(self.module, images) if self.feature_map else self.module(images)
+        return run_backbone(self.module, self.feature_map, images)
+
+
+def run_backbone(module: nn.Module, feature_map: FeatureMap | None, images: torch.Tensor) -> torch.Tensor:
+    """What a head takes from `module`: its own (pooled) output, or `feature_map`'s tokens."""
+    return feature_map(module, images) if feature_map else module(images)
 
 
 @runtime_checkable

@@ -127,6 +127,21 @@ def check_images(
 UNLABELED = "unlabeled"  # the one class of an unlabelled folder (layout "unlabeled")
 
 
+def _finished(scan: FolderScan, started: float, how: str) -> FolderScan:
+    """The scan with its duration, logged."""
+    scan.seconds = time.monotonic() - started
+    log.info(
+        "Scanned %s (%s): %d images, %d bad, %d other files ignored, in %.1fs",
+        scan.root,
+        how,
+        scan.num_images(),
+        len(scan.bad),
+        len(scan.ignored),
+        scan.seconds,
+    )
+    return scan
+
+
 def scan_unlabeled_folder(
     root: str | os.PathLike, mode: str = "fast", max_pixels: int = PIL_MAX_PIXELS
 ) -> FolderScan:
@@ -151,17 +166,7 @@ def scan_unlabeled_folder(
         )
     for result in check_images(candidates, full=mode == "full", max_pixels=max_pixels):
         (scan.images["train"][UNLABELED] if result.problem is None else scan.bad).append(result)
-    scan.seconds = time.monotonic() - started
-    log.info(
-        "Scanned %s (%s, unlabelled, recursively): %d images, %d bad, %d other files ignored, in %.1fs",
-        root,
-        mode,
-        scan.num_images(),
-        len(scan.bad),
-        len(scan.ignored),
-        scan.seconds,
-    )
-    return scan
+    return _finished(scan, started, f"{mode}, unlabelled, recursively")
 
 
 def scan_image_folder(
@@ -199,14 +204,4 @@ def scan_image_folder(
             scan.images[split][name].append(result)
         else:
             scan.bad.append(result)
-    scan.seconds = time.monotonic() - started
-    log.info(
-        "Scanned %s (%s): %d images, %d bad, %d other files ignored, in %.1fs",
-        root,
-        mode,
-        scan.num_images(),
-        len(scan.bad),
-        len(scan.ignored),
-        scan.seconds,
-    )
-    return scan
+    return _finished(scan, started, mode)

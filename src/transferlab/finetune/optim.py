@@ -123,6 +123,15 @@ def _gated(factor: Callable[[int], float], start_step: int) -> Callable[[int], f
     return lambda step: factor(step) if step >= start_step else 0.0
 
 
+def optimizers_for(trainer: Any, cfg: SchedulerConfig, optimizer: torch.optim.Optimizer) -> Any:
+    """`configure_optimizers`' return: the optimizer, with `cfg`'s schedule over the run's steps when it
+    has one."""
+    total_steps = int(trainer.estimated_stepping_batches)
+    max_epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 1
+    scheduler = build_scheduler(cfg, optimizer, total_steps, max(1, math.ceil(total_steps / max_epochs)))
+    return optimizer if scheduler is None else {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+
 def build_scheduler(
     cfg: SchedulerConfig,
     optimizer: torch.optim.Optimizer,

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from transferlab.backbones import FeatureMap
+from transferlab.backbones import FeatureMap, run_backbone
 from transferlab.checkpoints import read_checkpoint
 from transferlab.data.transforms import Preprocessing
 from transferlab.errors import ConfigError
@@ -40,8 +40,7 @@ class InferenceModel(nn.Module):
         self.eval()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        features = self.feature_map(self.backbone, images) if self.feature_map else self.backbone(images)
-        return self.head(features) / self.temperature
+        return self.head(run_backbone(self.backbone, self.feature_map, images)) / self.temperature
 
 
 @dataclass

@@ -6,7 +6,6 @@ What trains when (the freeze machinery) is `finetune.freeze.FrozenStages`, run b
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict
 from typing import Any
 
@@ -17,12 +16,12 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torchmetrics import MeanMetric
 
-from transferlab.backbones import Backbone, build_backbone, get_source, load_pretrained
+from transferlab.backbones import Backbone, build_backbone, get_source, load_pretrained, run_backbone
 from transferlab.config import parse_group
 from transferlab.config.schema import LossConfig, OptimConfig
 from transferlab.errors import ConfigError
 from transferlab.finetune.freeze import FreezeCallback, FrozenStages, freeze_plan, resolve_bn_mode
-from transferlab.finetune.optim import StageParams, build_optimizer, build_scheduler
+from transferlab.finetune.optim import StageParams, build_optimizer, optimizers_for
 from transferlab.models.distill import Teacher, distillation_loss
 from transferlab.models.heads import pools_feature_map
 from transferlab.models.losses import ClassificationLoss
@@ -153,7 +152,7 @@ class ImageClassifier(L.LightningModule):
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """What the head takes: pooled features, or the unpooled tokens for a pooling head."""
-        return self.feature_map(self.backbone, images) if self.feature_map else self.backbone(images)
+        return run_backbone(self.backbone, self.feature_map, images)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(images))
@@ -270,13 +269,7 @@ class ImageClassifier(L.LightningModule):
             for i, stage in enumerate(self.stages)
         ]
         optimizer = build_optimizer(self.optim_config, stages, self.head)
-        total_steps = int(self.trainer.estimated_stepping_batches)
-        max_epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
-        steps_per_epoch = max(1, math.ceil(total_steps / max_epochs))
-        scheduler = build_scheduler(self.scheduler_config, optimizer, total_steps, steps_per_epoch)
-        if scheduler is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+        return optimizers_for(self.trainer, self.scheduler_config, optimizer)
 
 
 def to_head_kwargs(head: dict[str, Any]) -> dict[str, Any]:

@@ -15,11 +15,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from transferlab.backbones import Backbone, build_backbone, load_pretrained
+from transferlab.backbones.feature_maps import probe_tokens
 from transferlab.config import parse_group
 from transferlab.config.parse import parse_pretrain_method
 from transferlab.config.schema import AutoencoderConfig, SimCLRConfig
 from transferlab.errors import ConfigError
-from transferlab.finetune.optim import StageParams, build_optimizer, build_scheduler
+from transferlab.finetune.optim import StageParams, build_optimizer, optimizers_for
 
 
 class ConvDecoder(nn.Sequential):
@@ -115,18 +116,13 @@ class Pretrainer(L.LightningModule):
 
     def _map_size(self) -> int:
         """The side of the backbone's map for this crop size, from one blank image."""
-        was_training = self.backbone.training
-        self.backbone.eval()
         try:
-            with torch.no_grad():
-                tokens = self.feature_map(self.backbone, torch.zeros(1, 3, self.crop_size, self.crop_size))
+            tokens = probe_tokens(self.backbone, self.feature_map, self.crop_size)
         except (RuntimeError, ValueError, AssertionError) as error:
             reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
             raise ConfigError(
                 f"data.image_size={self.crop_size} does not fit backbone {self.backbone_config.name} ({reason})"
             ) from None
-        finally:
-            self.backbone.train(was_training)
         side = math.isqrt(tokens.shape[1])
         if side * side != tokens.shape[1]:
             raise ConfigError(
@@ -180,9 +176,4 @@ class Pretrainer(L.LightningModule):
         stage = StageParams("backbone", list(self.backbone.named_parameters()), 0)
         others = self.decoder if isinstance(self.method, AutoencoderConfig) else self.projection
         optimizer = build_optimizer(self.optim_config, [stage], others)
-        total_steps = int(self.trainer.estimated_stepping_batches)
-        max_epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
-        scheduler = build_scheduler(
-            self.scheduler_config, optimizer, total_steps, max(1, math.ceil(total_steps / max_epochs))
-        )
-        return optimizer if scheduler is None else {"optimizer": optimizer, "lr_scheduler": scheduler}
+        return optimizers_for(self.trainer, self.scheduler_config, optimizer)
