@@ -162,6 +162,7 @@ def attention_run(tmp_path_factory):
         "freeze=gradual",
         "freeze.milestones=[1]",
         "optim.layer_decay=0.8",
+        "data.num_workers=0",
         "trainer.max_epochs=2",
         "logger=none",
         f"hydra.run.dir={run_dir}",

@@ -223,6 +223,7 @@ def test_the_defaults_transfer_from_imagenet_weights_without_collapsing(tmp_path
         "logger=none",
         "callbacks.progress.mode=none",
         "seed=1",
+        "data.num_workers=0",  # the images are in memory: a worker process only adds its start-up
         f"hydra.run.dir={run_dir}",
     ]
     assert run_tool("train", *overrides) == 0

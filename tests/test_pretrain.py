@@ -31,6 +31,7 @@ TINY = [
     *[o for o in FAST if not o.startswith(("trainer.limit_test", "backbone.weights"))],
     "data.min_batches_per_epoch=0",
     "data.batch_size=8",
+    "data.num_workers=0",
 ]
 
 
