@@ -206,3 +206,22 @@ def trained_run(tmp_path_factory) -> Path:
     ]
     assert run_tool("train", *overrides) == 0
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def quantized(trained_run, tmp_path_factory) -> Path:
+    """`trained_run`'s ResNet-18 quantized (2 calibration batches, few timed runs): the optimize run
+    directory, with model.onnx (fp32), model.int8.onnx, model.json and quantize.json. Shared by
+    test_quantize and test_eval_exported; tests must not change it."""
+    out = tmp_path_factory.mktemp("quantized") / "run"
+    status = run_tool(
+        "optimize",
+        f"ckpt_path={trained_run / 'checkpoints' / 'best.ckpt'}",
+        "method=quantize",
+        "quantize.calibration_batches=2",
+        "latency_runs=2",
+        "threads=1",
+        f"hydra.run.dir={out}",
+    )
+    assert status == 0
+    return out

@@ -29,22 +29,6 @@ def checkpoint(trained_run) -> Path:
     return trained_run / "checkpoints" / "best.ckpt"
 
 
-@pytest.fixture(scope="module")
-def quantized(checkpoint, tmp_path_factory) -> Path:
-    """The fixture's ResNet-18 quantized (2 calibration batches, few timed runs): the run directory."""
-    out = tmp_path_factory.mktemp("quantized") / "run"
-    status = optimize(
-        out,
-        f"ckpt_path={checkpoint}",
-        "method=quantize",
-        "quantize.calibration_batches=2",
-        "latency_runs=2",
-        "threads=1",
-    )
-    assert status == 0
-    return out
-
-
 def test_quantize_writes_the_int8_model_beside_the_fp32_one(quantized):
     assert {p.name for p in quantized.iterdir()} >= FILES
     assert not [p for p in quantized.iterdir() if p.name.startswith("quantize_")]  # its scratch folder

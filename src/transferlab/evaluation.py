@@ -9,6 +9,10 @@ the split's. Where the lists cannot be found (a copied checkpoint), the folder i
 used only if the split is provably the run's: its fingerprint equals the one the checkpoint keeps.
 Digits and CIFAR-10 splits are fixed by their seeds (checked against the fingerprint too). Other data
 (another data.root or dataset) has no run split: its own split is used, and the log says so.
+
+An exported model (model_path=: ONNX, int8 ONNX, TorchScript) is tested on the split its source
+checkpoint (named with its sha256 in model.json) would be, chosen by the same code from that checkpoint,
+with the card's preprocessing; its metrics are the test step's torchmetrics and loss (`SplitScorer`).
 """
 
 from __future__ import annotations
@@ -24,12 +28,14 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
+from torch import nn
 from torch.utils.data import DataLoader, Subset
+from torchmetrics import MeanMetric
 
 from transferlab.build import build_trainer, instantiate_group
 from transferlab.checkpoints import check_checkpoint_classes, read_checkpoint
 from transferlab.config import parse_eval_config, parse_group
-from transferlab.config.schema import SPLITS, DataConfig
+from transferlab.config.schema import SPLITS, DataConfig, EvalConfig
 from transferlab.data.datamodule import TransferDataModule
 from transferlab.data.datasets import (
     DataSplits,
@@ -43,7 +49,11 @@ from transferlab.data.datasets import (
 from transferlab.data.transforms import Preprocessing
 from transferlab.errors import ConfigError, DataError
 from transferlab.files import write_json
+from transferlab.inference.model import CARD_NAME, ModelCard, file_sha256
+from transferlab.inference.predictors import open_exported
 from transferlab.models.classifier import ImageClassifier
+from transferlab.models.losses import loss_from_hyperparameters
+from transferlab.models.metrics import classification_metrics, per_class_metrics
 from transferlab.runtime import command_line_overrides
 
 log = logging.getLogger(__name__)
@@ -98,14 +108,17 @@ def checkpoint_data(
     split: str,
     seed: int,
     output_dir: Path,
+    preprocessing: Preprocessing | None = None,
 ) -> CheckpointData:
     """The checkpoint's own data (with the `data.*` keys typed on top) and its `split`, never images the
-    checkpoint was trained on (see the module's docstring)."""
+    checkpoint was trained on (see the module's docstring). `preprocessing`: an exported model's (its
+    card's), instead of the checkpoint's with the typed keys (`eval_preprocessing`)."""
     typed = command_line_overrides()
     for key in sorted(typed_data_keys(typed) & set(TRAINING_ONLY_KEYS)):
         raise ConfigError(f"data.{key} is not read here: it shapes training only. Remove it")
     data = keep_runs_split_keys(checkpoint, eval_data_config(checkpoint, data_overrides), typed)
-    preprocessing = eval_preprocessing(checkpoint, data, typed)
+    if preprocessing is None:
+        preprocessing = eval_preprocessing(checkpoint, data, typed)
     log.info("Preprocessing: %s", preprocessing)
     chosen = choose_split(checkpoint, ckpt_path, data, split, output_dir)
     datamodule = TransferDataModule(data, preprocessing, seed=seed, splits=chosen.splits)
@@ -117,8 +130,17 @@ def checkpoint_data(
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    """Test `ckpt_path` on `split`; writes metrics.json into the eval run directory and returns it."""
+    """Test `ckpt_path` (or `model_path`, an exported model) on `split`; writes metrics.json into the eval
+    run directory and returns it."""
     config = parse_eval_config(cfg)
+    if config.model_path is not None:
+        return evaluate_exported(config)
+    return evaluate_checkpoint(config)
+
+
+def evaluate_checkpoint(config: EvalConfig) -> dict[str, Any]:
+    """`ckpt_path` tested by Lightning's test loop: the model's own test step and torchmetrics."""
+    assert config.ckpt_path is not None  # EvalConfig: one of ckpt_path, model_path
     checkpoint = read_checkpoint(config.ckpt_path, trust=config.trust_checkpoint)
     L.seed_everything(config.seed, workers=True)
     output_dir = Path(config.paths.output_dir)
@@ -133,20 +155,175 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     for result in trainer.test(model, dataloaders=datamodule.split_dataloader(config.split)):
         metrics.update(result)
     metrics[f"{config.split}/confusion_matrix"] = model.test_confusion.tolist()
-    metrics.update(
-        {
-            "ckpt_path": str(Path(config.ckpt_path).resolve()),
-            "split": config.split,
-            "split_source": data.source,
-            "class_names": datamodule.class_names,
-            "preprocessing": data.preprocessing.to_dict(),
-        }
-    )
+    evaluated = {"model_path": None, "model_format": "checkpoint", "quantization": None}
     if trainer.is_global_zero:
-        write_evaluated_list(datamodule, config.split, output_dir)
-        write_json(output_dir / "metrics.json", metrics)
-        log.info("Wrote %s", output_dir / "metrics.json")
-    return metrics
+        return write_metrics(metrics, config, config.ckpt_path, evaluated, data)
+    return describe_eval(metrics, config, config.ckpt_path, evaluated, data)
+
+
+def describe_eval(
+    metrics: dict[str, Any],
+    config: EvalConfig,
+    ckpt_path: str | Path,
+    evaluated: dict[str, Any],
+    data: CheckpointData,
+) -> dict[str, Any]:
+    """The metrics with what was evaluated on what: the keys of metrics.json beside the metrics, the same
+    for a checkpoint and an exported model (`evaluated`: model_path, model_format, quantization)."""
+    return {
+        **metrics,
+        "ckpt_path": str(Path(ckpt_path).expanduser().resolve()),
+        **evaluated,
+        "split": config.split,
+        "split_source": data.source,
+        "class_names": data.datamodule.class_names,
+        "preprocessing": data.preprocessing.to_dict(),
+    }
+
+
+def write_metrics(
+    metrics: dict[str, Any],
+    config: EvalConfig,
+    ckpt_path: str | Path,
+    evaluated: dict[str, Any],
+    data: CheckpointData,
+) -> dict[str, Any]:
+    """metrics.json (`describe_eval`) and the list of the images evaluated, in the eval directory."""
+    described = describe_eval(metrics, config, ckpt_path, evaluated, data)
+    output_dir = Path(config.paths.output_dir)
+    write_evaluated_list(data.datamodule, config.split, output_dir)
+    write_json(output_dir / "metrics.json", described)
+    log.info("Wrote %s", output_dir / "metrics.json")
+    return described
+
+
+# --- an exported model (model_path=) -------------------------------------------------------------------
+
+# trainer.accelerator -> the device a TorchScript model runs on (ONNX models run on the CPU)
+ACCELERATOR_DEVICES = {"cpu": "cpu", "gpu": "cuda", "cuda": "cuda"}
+
+
+def evaluate_exported(config: EvalConfig) -> dict[str, Any]:
+    """`model_path` (ONNX, int8 ONNX or TorchScript, with its model.json) on the split its source
+    checkpoint would be tested on (`checkpoint_data`: the same code path), with its card's preprocessing,
+    scored by `SplitScorer`: the torchmetrics and loss of the checkpoint's test step."""
+    assert config.model_path is not None  # EvalConfig: one of ckpt_path, model_path
+    # export's own refusal: the model takes the preprocessing its card records (imported here: export
+    # imports this module)
+    from transferlab.inference.export import refuse_preprocessing_keys
+
+    refuse_preprocessing_keys(f"eval with model_path={config.model_path}")
+    accelerator = str((config.trainer or {}).get("accelerator", "auto"))
+    model = open_exported(config.model_path, device=ACCELERATOR_DEVICES.get(accelerator, "auto"))
+    ckpt_path = source_checkpoint(model.card, config.model_path)
+    checkpoint = read_checkpoint(ckpt_path, trust=config.trust_checkpoint)
+    L.seed_everything(config.seed, workers=True)
+    output_dir = Path(config.paths.output_dir)
+    data = checkpoint_data(
+        checkpoint, str(ckpt_path), config.data, config.split, config.seed, output_dir, model.card.prep
+    )
+    class_names = data.datamodule.class_names
+    scorer = SplitScorer(
+        len(class_names),
+        config.split,
+        loss_from_hyperparameters(checkpoint["hyper_parameters"].get("loss")),
+        class_names,
+    )
+    del checkpoint
+    for images, targets in data.datamodule.split_dataloader(config.split):
+        # the exported model divides its logits by the checkpoint's temperature; the test step's loss
+        # is of the logits before that (accuracy and F1 are the same either way)
+        scorer.update(model(images.float().contiguous()) * model.card.temperature, targets)
+    scores = scorer.scores()
+    log.info("%s: %s", config.model_path, ", ".join(f"{key} {value:.4f}" for key, value in scores.items()))
+    metrics = {**scores, f"{config.split}/confusion_matrix": scorer.confusion_matrix()}
+    evaluated = {
+        "model_path": str(Path(config.model_path).expanduser().resolve()),
+        "model_format": model.card.format,
+        "quantization": quantization_of(model.card, config.model_path),
+    }
+    return write_metrics(metrics, config, ckpt_path, evaluated, data)
+
+
+def source_checkpoint(card: ModelCard, model_path: str) -> Path:
+    """The checkpoint the model was exported from (model.json's source_checkpoint): its data config and
+    run split say which images the model is tested on. It must be there, and be the file exported."""
+    card_file = Path(model_path).expanduser().parent / CARD_NAME
+    recorded = card.source_checkpoint or {}
+    if not recorded.get("path") or not recorded.get("sha256"):
+        raise ConfigError(
+            f"{card_file} names no source checkpoint (source_checkpoint.path and .sha256): eval cannot "
+            "tell which data and split the model is to be tested on. Export it again with `transferlab export`"
+        )
+    source = Path(recorded["path"])
+    if not source.is_file():
+        raise ConfigError(
+            f"model_path={model_path}: the checkpoint it was exported from, {source} (source_checkpoint in "
+            f"{card_file}), is not there: eval reads the data config (data=, data.root=) and the run's split "
+            "from it, and without it cannot keep training images out of the split. Put the checkpoint back "
+            "there (a link to it will do; its run's splits/ folder beside checkpoints/ too)"
+        )
+    if file_sha256(source) != recorded["sha256"]:
+        raise ConfigError(
+            f"model_path={model_path} was not exported from {source}: the file's sha256 is not the one in "
+            f"{card_file} (the checkpoint was replaced since, e.g. by another run into its directory). Put "
+            "back the checkpoint it was exported from, or export again from this one"
+        )
+    return source
+
+
+def quantization_of(card: ModelCard, model_path: str) -> dict[str, Any] | None:
+    """An int8 model's scheme; None for fp32 models, the fp32 model.onnx a quantize run keeps beside its
+    int8 file included (the card there describes the int8 file)."""
+    quantization = card.quantization
+    if quantization is None or Path(model_path).name == quantization.get("fp32_file"):
+        return None
+    return quantization.get("scheme")
+
+
+class SplitScorer:
+    """One model's metrics on a split, named as metrics.json names them (`<split>/acc`, ...): the
+    torchmetrics of the test step (`classification_metrics`); with `criterion`, `<split>/loss` (the test
+    step's sample-weighted mean); with `class_names`, `<split>/acc_class/<name>` and the confusion matrix.
+    For models run outside Lightning: eval model_path=, quantize's fp32/int8 comparison."""
+
+    def __init__(
+        self,
+        num_classes: int,
+        split: str,
+        criterion: nn.Module | None = None,
+        class_names: list[str] | None = None,
+    ) -> None:
+        # each metric on its own, not as the MetricCollection: its compute groups, formed on the first
+        # batch, merge top-5 accuracy with precision/recall/F1 when that batch is one class predicted
+        # right (a split in class order), and those then report top-5 numbers
+        self.metrics = dict(classification_metrics(num_classes).items())
+        self.detail = per_class_metrics(num_classes)
+        self.loss = MeanMetric()
+        self.split, self.criterion, self.class_names = split, criterion, class_names
+
+    def update(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        for metric in self.metrics.values():
+            metric.update(logits, targets)
+        if self.class_names is not None:
+            self.detail.update(logits, targets)
+        if self.criterion is not None:
+            self.loss.update(self.criterion(logits, targets), weight=len(targets))
+
+    def scores(self) -> dict[str, float]:
+        split = self.split
+        scores = {f"{split}/{key}": float(metric.compute()) for key, metric in self.metrics.items()}
+        if self.criterion is not None:
+            scores[f"{split}/loss"] = float(self.loss.compute())
+        if self.class_names is not None:
+            per_class = self.detail["acc_class"].compute()
+            scores.update(
+                {f"{split}/acc_class/{n}": float(v) for n, v in zip(self.class_names, per_class, strict=True)}
+            )
+        return scores
+
+    def confusion_matrix(self) -> list[list[int]]:
+        return self.detail["confusion_matrix"].compute().tolist()
 
 
 # --- which images the evaluated split holds ------------------------------------------------------------

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 from transferlab.checkpoints import read_checkpoint
 from transferlab.config.schema import ExportConfig, OptimizeConfig, QuantizeConfig
 from transferlab.errors import ConfigError, DataError
-from transferlab.evaluation import calibration_batches, checkpoint_data, default_split
+from transferlab.evaluation import SplitScorer, calibration_batches, checkpoint_data, default_split
 from transferlab.files import write_json
 from transferlab.inference.export import (
     EXAMPLE_BATCH,
@@ -43,7 +43,6 @@ from transferlab.inference.export import (
 )
 from transferlab.inference.model import InferenceModel, ModelCard, inference_model
 from transferlab.inference.predictors import Predictor, open_exported
-from transferlab.models.metrics import classification_metrics
 
 log = logging.getLogger(__name__)
 
@@ -278,28 +277,20 @@ def compare(
 def split_scores(
     models: dict[str, Predictor], loader: DataLoader, num_classes: int, split: str
 ) -> tuple[dict[str, dict[str, float]], float, int]:
-    """Each model's metrics on the loader's images (eval's torchmetrics, named as eval's metrics.json:
+    """Each model's metrics on the loader's images (eval's `SplitScorer`, named as eval's metrics.json:
     `<split>/acc`, ...), and how often their top-1 classes agree."""
-    # each metric on its own, not as the MetricCollection: its compute groups, formed on the first batch,
-    # merge top-5 accuracy with precision/recall/F1 when that batch is one class predicted right (a split
-    # in class order), and those then report top-5 numbers
-    metrics = {name: dict(classification_metrics(num_classes).items()) for name in models}
+    scorers = {name: SplitScorer(num_classes, split) for name in models}
     same, images = 0, 0
     for batch, targets in loader:
         batch = batch.float().contiguous()
         top1 = {}
         for name, model in models.items():
             logits = model(batch)
-            for metric in metrics[name].values():
-                metric.update(logits, targets)
+            scorers[name].update(logits, targets)
             top1[name] = logits.argmax(dim=1)
         same += int((top1["fp32"] == top1["int8"]).sum())
         images += len(batch)
-    scores = {
-        name: {f"{split}/{key}": float(metric.compute()) for key, metric in named.items()}
-        for name, named in metrics.items()
-    }
-    return scores, same / images, images
+    return {name: scorer.scores() for name, scorer in scorers.items()}, same / images, images
 
 
 def first_images(loader: DataLoader, count: int) -> np.ndarray:

@@ -827,7 +827,11 @@ class EvalConfig:
     """The top-level keys of eval.yaml."""
 
     task_name: str = "eval"
-    ckpt_path: str = MISSING  # outputs/runs/<run>/checkpoints/best.ckpt
+    ckpt_path: str | None = None  # a checkpoint of ours (outputs/runs/<run>/checkpoints/best.ckpt), or:
+    # an exported or quantized model.onnx / model.int8.onnx / model.pt with its model.json beside it, tested on
+    # the split of the data its source checkpoint (model.json's source_checkpoint, which must be in place)
+    # would be tested on, with the card's preprocessing; trainer.* and logger are not read then
+    model_path: str | None = None
     split: str = "test"  # train | val | test
     seed: int = 42
     trust_checkpoint: bool = False  # true loads the checkpoint with full unpickling (files you trust only)
@@ -837,6 +841,11 @@ class EvalConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
 
     def __post_init__(self) -> None:
+        if (self.ckpt_path is None) == (self.model_path is None):
+            raise ConfigError(
+                "give one of ckpt_path=<checkpoint> or model_path=<exported model file> "
+                f"(got {'both' if self.ckpt_path is not None else 'neither'})"
+            )
         check_seed(self.seed, "seed")
         check_choice(self.split, "split", SPLITS)
 

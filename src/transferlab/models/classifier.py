@@ -18,13 +18,13 @@ from torchmetrics import MeanMetric
 
 from transferlab.backbones import Backbone, build_backbone, get_source, load_pretrained, run_backbone
 from transferlab.config import parse_group
-from transferlab.config.schema import LossConfig, OptimConfig
+from transferlab.config.schema import OptimConfig
 from transferlab.errors import ConfigError
 from transferlab.finetune.freeze import FreezeCallback, FrozenStages, freeze_plan, resolve_bn_mode
 from transferlab.finetune.optim import StageParams, build_optimizer, optimizers_for
 from transferlab.models.distill import Teacher, distillation_loss
 from transferlab.models.heads import pools_feature_map
-from transferlab.models.losses import ClassificationLoss
+from transferlab.models.losses import loss_from_hyperparameters
 from transferlab.models.metrics import classification_metrics, per_class_metrics
 from transferlab.models.pruned import apply_pruned_shapes, pruned_num_features
 
@@ -85,10 +85,7 @@ class ImageClassifier(L.LightningModule):
         if pruned:  # a channel-pruned checkpoint (compress.prune): its layer widths, before its weights load
             apply_pruned_shapes(self, pruned)
             self.num_features = pruned_num_features(self.head)
-        # plain cross-entropy unless said otherwise: checkpoints from before the imbalance options hold
-        # only loss.label_smoothing
-        spec = {"name": "cross_entropy", "class_weights": None, **asdict(LossConfig()), **(loss or {})}
-        self.criterion = ClassificationLoss(**spec)
+        self.criterion = loss_from_hyperparameters(loss)
         self.train_metrics = classification_metrics(num_classes)
         self.val_metrics = classification_metrics(num_classes)
         self.test_metrics = classification_metrics(num_classes)

@@ -6,10 +6,14 @@ to either, as `nn.CrossEntropyLoss` does: targets * (1 - eps) + eps / K.
 
 from __future__ import annotations
 
+from dataclasses import asdict
+from typing import Any
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from transferlab.config.schema import LossConfig
 from transferlab.errors import ConfigError
 
 LOSSES = ("cross_entropy", "focal")
@@ -67,3 +71,10 @@ class ClassificationLoss(nn.Module):
         if self.name == "focal":
             return focal_loss(logits, targets, self.focal_gamma, self.weight, self.label_smoothing)
         return F.cross_entropy(logits, targets, weight=self.weight, label_smoothing=self.label_smoothing)
+
+
+def loss_from_hyperparameters(loss: dict[str, Any] | None) -> ClassificationLoss:
+    """A run's loss from its stored `loss.*` keys (a checkpoint's hyperparameters): plain cross-entropy
+    unless said otherwise; checkpoints from before the imbalance options hold only loss.label_smoothing."""
+    spec = {"name": "cross_entropy", "class_weights": None, **asdict(LossConfig()), **(loss or {})}
+    return ClassificationLoss(**spec)

@@ -1,4 +1,5 @@
-"""Evaluate a checkpoint on a split: `transferlab eval ckpt_path=.../best.ckpt split=test` (conf/eval.yaml)."""
+"""Evaluate a checkpoint on a split: `transferlab eval ckpt_path=.../best.ckpt split=test`, or an exported
+or quantized model on its checkpoint's split: `transferlab eval model_path=.../model.int8.onnx` (conf/eval.yaml)."""
 
 from __future__ import annotations
 
