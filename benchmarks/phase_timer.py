@@ -26,6 +26,9 @@ class PhaseTimer(L.Callback):
         self._close_epoch()
         self.epochs.append({"train_start": time.time()})
 
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self.epochs[-1].setdefault("first_batch", time.time())  # the batch is in hand: the step starts
+
     def on_validation_start(self, trainer: L.Trainer, pl_module: Any) -> None:
         if not trainer.sanity_checking and self.epochs and trainer.state.fn == "fit":
             now = time.time()

@@ -122,6 +122,7 @@ def main() -> None:
         marks = {"train_start": time.time()}
         model.train()
         for images, targets in loaders["train"]:
+            marks.setdefault("first_batch", time.time())  # the batch is in hand: the step starts
             optimizer.zero_grad(set_to_none=True)
             torch.nn.functional.cross_entropy(model(images), targets).backward()
             optimizer.step()
