@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import subprocess
@@ -206,6 +207,16 @@ def trained_run(tmp_path_factory) -> Path:
     ]
     assert run_tool("train", *overrides) == 0
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def checkpoint(trained_run) -> Path:
+    """`trained_run`'s best.ckpt (test_export, test_predict, test_quantize, test_eval_exported)."""
+    return trained_run / "checkpoints" / "best.ckpt"
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
 
 
 @pytest.fixture(scope="session")

@@ -10,22 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_tool
+from tests.conftest import read_json, run_tool
 
 DESCRIPTION = {"ckpt_path", "model_path", "model_format", "quantization", "split", "split_source"}
 
 
 def evaluate(out: Path, *overrides: str) -> int:
     return run_tool("eval", *overrides, f"hydra.run.dir={out}")
-
-
-def read_json(path: Path) -> dict:
-    return json.loads(path.read_text())
-
-
-@pytest.fixture(scope="module")
-def checkpoint(trained_run) -> Path:
-    return trained_run / "checkpoints" / "best.ckpt"
 
 
 @pytest.fixture(scope="module")

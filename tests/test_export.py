@@ -5,7 +5,6 @@ the model card a deployment reads, and one-line errors for bad input."""
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,7 +13,7 @@ import onnxruntime
 import pytest
 import torch
 
-from tests.conftest import FAST, run_tool
+from tests.conftest import FAST, read_json, run_tool
 from transferlab.inference import export as export_module
 from transferlab.inference.export import check_parity, val_images
 from transferlab.inference.model import file_sha256, load_inference_model
@@ -26,15 +25,6 @@ FORMATS = {"onnx": "model.onnx", "torchscript": "model.pt"}
 
 def export(out: Path, *overrides: str) -> int:
     return run_tool("export", *overrides, f"hydra.run.dir={out}")
-
-
-def read_json(path: Path) -> dict:
-    return json.loads(path.read_text())
-
-
-@pytest.fixture(scope="module")
-def checkpoint(trained_run) -> Path:
-    return trained_run / "checkpoints" / "best.ckpt"
 
 
 @pytest.fixture(scope="module")

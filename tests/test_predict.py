@@ -30,11 +30,6 @@ def predict(tmp_path: Path, *overrides: str, name: str = "out") -> tuple[int, Pa
 
 
 @pytest.fixture(scope="module")
-def checkpoint(trained_run) -> Path:
-    return trained_run / "checkpoints" / "best.ckpt"
-
-
-@pytest.fixture(scope="module")
 def test_images(trained_run) -> list[Path]:
     """The fixture's test split on disk, in the order a folder is read (sorted)."""
     return sorted((trained_run.parent / "data" / "test").rglob("*.png"))  # conftest.trained_run's data

@@ -4,29 +4,18 @@ most images of a small split, which predict runs, with its report; one-line erro
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 import onnx
-import pytest
 import torch
 
-from tests.conftest import run_tool
+from tests.conftest import read_json, run_tool
 
 FILES = {"model.onnx", "model.int8.onnx", "model.json", "quantize.json"}
 
 
 def optimize(out: Path, *overrides: str) -> int:
     return run_tool("optimize", *overrides, f"hydra.run.dir={out}")
-
-
-def read_json(path: Path) -> dict:
-    return json.loads(path.read_text())
-
-
-@pytest.fixture(scope="module")
-def checkpoint(trained_run) -> Path:
-    return trained_run / "checkpoints" / "best.ckpt"
 
 
 def test_quantize_writes_the_int8_model_beside_the_fp32_one(quantized):
