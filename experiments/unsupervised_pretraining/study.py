@@ -75,6 +75,14 @@ def write_unlabeled() -> Path:
     return folder
 
 
+def run_tool(tool: str, overrides: list[str], run_dir: Path) -> tuple[int, dict, float]:
+    """One run in this process: its exit status, its metrics.json (empty if it failed), its seconds."""
+    started = time.monotonic()
+    status = run_in_process(tool, overrides)
+    metrics = json.loads((run_dir / "metrics.json").read_text()) if status == 0 else {}
+    return status, metrics, round(time.monotonic() - started, 1)
+
+
 def pretrain(method: str, epochs: int, done: list[dict]) -> dict:
     """One pretraining run (resumable: reuses the results.jsonl line of a finished one)."""
     for r in done:
@@ -93,9 +101,7 @@ def pretrain(method: str, epochs: int, done: list[dict]) -> dict:
         *COMMON,
         f"hydra.run.dir={run_dir}",
     ]
-    started = time.monotonic()
-    status = run_in_process("pretrain", overrides)
-    metrics = json.loads((run_dir / "metrics.json").read_text()) if status == 0 else {}
+    status, metrics, seconds = run_tool("pretrain", overrides, run_dir)
     result = {
         "kind": "pretrain",
         "method": method,
@@ -103,7 +109,7 @@ def pretrain(method: str, epochs: int, done: list[dict]) -> dict:
         "status": status,
         "val/loss": metrics.get("val/loss"),
         "best_ckpt": metrics.get("best_ckpt"),
-        "seconds": round(time.monotonic() - started, 1),
+        "seconds": seconds,
         "overrides": overrides,
     }
     done.append(result)
@@ -128,9 +134,7 @@ def finetune(start: str, head: str, shots: int, seed: int, ckpts: dict, done: li
         *COMMON,
         f"hydra.run.dir={run_dir}",
     ]
-    started = time.monotonic()
-    status = run_in_process("train", overrides)
-    metrics = json.loads((run_dir / "metrics.json").read_text()) if status == 0 else {}
+    status, metrics, seconds = run_tool("train", overrides, run_dir)
     result = {
         "kind": "train",
         "start": start,
@@ -139,7 +143,7 @@ def finetune(start: str, head: str, shots: int, seed: int, ckpts: dict, done: li
         "seed": seed,
         "status": status,
         "test/acc": metrics.get("test/acc"),
-        "seconds": round(time.monotonic() - started, 1),
+        "seconds": seconds,
         "overrides": overrides,
     }
     done.append(result)

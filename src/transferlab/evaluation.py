@@ -156,9 +156,10 @@ def evaluate_checkpoint(config: EvalConfig) -> dict[str, Any]:
         metrics.update(result)
     metrics[f"{config.split}/confusion_matrix"] = model.test_confusion.tolist()
     evaluated = {"model_path": None, "model_format": "checkpoint", "quantization": None}
+    described = describe_eval(metrics, config, config.ckpt_path, evaluated, data)
     if trainer.is_global_zero:
-        return write_metrics(metrics, config, config.ckpt_path, evaluated, data)
-    return describe_eval(metrics, config, config.ckpt_path, evaluated, data)
+        write_metrics(described, config.split, output_dir, data)
+    return described
 
 
 def describe_eval(
@@ -181,20 +182,11 @@ def describe_eval(
     }
 
 
-def write_metrics(
-    metrics: dict[str, Any],
-    config: EvalConfig,
-    ckpt_path: str | Path,
-    evaluated: dict[str, Any],
-    data: CheckpointData,
-) -> dict[str, Any]:
-    """metrics.json (`describe_eval`) and the list of the images evaluated, in the eval directory."""
-    described = describe_eval(metrics, config, ckpt_path, evaluated, data)
-    output_dir = Path(config.paths.output_dir)
-    write_evaluated_list(data.datamodule, config.split, output_dir)
+def write_metrics(described: dict[str, Any], split: str, output_dir: Path, data: CheckpointData) -> None:
+    """metrics.json (`describe_eval`'s) and the list of the images evaluated, in the eval directory."""
+    write_evaluated_list(data.datamodule, split, output_dir)
     write_json(output_dir / "metrics.json", described)
     log.info("Wrote %s", output_dir / "metrics.json")
-    return described
 
 
 # --- an exported model (model_path=) -------------------------------------------------------------------
@@ -242,7 +234,9 @@ def evaluate_exported(config: EvalConfig) -> dict[str, Any]:
         "model_format": model.card.format,
         "quantization": quantization_of(model.card, config.model_path),
     }
-    return write_metrics(metrics, config, ckpt_path, evaluated, data)
+    described = describe_eval(metrics, config, ckpt_path, evaluated, data)
+    write_metrics(described, config.split, output_dir, data)
+    return described
 
 
 def source_checkpoint(card: ModelCard, model_path: str) -> Path:
