@@ -7,7 +7,8 @@ per-channel weights, uint8 activations whose ranges come from `quantize.calibrat
 the checkpoint's TRAINING images, a seeded sample, preprocessed by its evaluation transform), model.json
 (export's card, its `file` and `quantization` naming the int8 model) and quantize.json: both models'
 metrics on `quantize.split` (eval's torchmetrics), their top-1 agreement, file sizes and CPU latency
-(ONNX Runtime, the same session options for both, median of `latency_runs`, batch 1 and 32).
+(ONNX Runtime, the same session options for both, each timed alone, median of `latency_runs`, batch 1
+and 32).
 """
 
 from __future__ import annotations
@@ -254,6 +255,7 @@ def compare(
     models = {"fp32": open_exported(fp32_file, device="cpu"), "int8": open_exported(int8_file, device="cpu")}
     loader = datamodule.split_dataloader(split)
     scores, agreement, images = split_scores(models, loader, datamodule.num_classes, split)
+    del models  # their sessions' threads would compete with the timed ones
     sample = first_images(loader, max(LATENCY_BATCHES))
     latency = latencies({"fp32": fp32_file, "int8": int8_file}, sample, config)
     report: dict[str, Any] = {
@@ -310,26 +312,34 @@ def _take(loader: DataLoader, count: int) -> Iterator[tuple[torch.Tensor, torch.
 
 
 def latencies(files: dict[str, Path], images: np.ndarray, config: OptimizeConfig) -> dict[str, Any]:
-    """Median milliseconds per run of each model at each batch size; the models take turns, run by run,
-    so that a change of the machine's load falls on both alike."""
-    sessions = {name: _timing_session(path, config.threads) for name, path in files.items()}
-    found: dict[str, Any] = {name: {} for name in files}
-    for batch in LATENCY_BATCHES:
-        times: dict[str, list[float]] = {name: [] for name in files}
-        for run in range(WARMUP_RUNS + config.latency_runs):
-            for name, session in sessions.items():
-                feed = {session.get_inputs()[0].name: images[:batch]}
+    """Median milliseconds per run of each model at each batch size, each model timed with its session
+    the only one alive: ONNX Runtime's pool threads spin for a while after a run, so a second live session
+    takes a core from the one being timed (measured on Lite0, 2 cores, batch 32: fp32 149 and int8 83 ms
+    taking turns run by run, 125 and 58 ms alone). Blocks of runs in the order A B B A, so that a drift
+    of the machine's load falls on both alike."""
+    runs_per_block = -(-config.latency_runs // 2)
+    times: dict[str, dict[int, list[float]]] = {name: {b: [] for b in LATENCY_BATCHES} for name in files}
+    for name in [*files, *reversed(files)]:
+        session = _timing_session(files[name], config.threads)
+        input_name = session.get_inputs()[0].name
+        for batch in LATENCY_BATCHES:
+            feed = {input_name: images[:batch]}
+            for run in range(WARMUP_RUNS + runs_per_block):
                 start = time.perf_counter()
                 session.run(None, feed)
                 if run >= WARMUP_RUNS:
-                    times[name].append(time.perf_counter() - start)
-        for name in files:
-            found[name][f"latency_ms_batch{batch}"] = 1000 * statistics.median(times[name])
+                    times[name][batch].append(time.perf_counter() - start)
+        del session  # its threads stop: the next block's session runs alone
+    found: dict[str, Any] = {
+        name: {f"latency_ms_batch{b}": 1000 * statistics.median(runs) for b, runs in per_batch.items()}
+        for name, per_batch in times.items()
+    }
     found["settings"] = {
         "runtime": "onnxruntime, CPUExecutionProvider",
         "intra_op_num_threads": config.threads or "onnxruntime's default",
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
-        "runs": config.latency_runs,
+        "runs": 2 * runs_per_block,
+        "order": "blocks " + ", ".join([*files, *reversed(files)]) + ", one session alive at a time",
         "warmup_runs": WARMUP_RUNS,
         "batch_sizes": list(LATENCY_BATCHES),
         "cpu_count": os.cpu_count(),

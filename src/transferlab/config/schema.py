@@ -1119,7 +1119,8 @@ class OptimizeConfig:
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)  # method=prune
     finetune: RecoveryConfig = field(default_factory=RecoveryConfig)  # method=prune: the recovery fine-tune
-    latency_runs: int = 20  # timed runs per model and batch size (after warm-up); the report has the median
+    # timed runs per model and batch size, after warm-up (quantize: two blocks each, so rounded up to even)
+    latency_runs: int = 20
     threads: int = 0  # ONNX Runtime's intra-op threads for the timings; 0 = its default (one per core)
     seed: int = 42
     trust_checkpoint: bool = False
