@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,70 +27,52 @@ from typing import Any
 import numpy as np
 import torch
 
+from transferlab.compress.quantize import onnxruntime_runner
+from transferlab.compress.timing import LATENCY_BATCHES, Runner, medians_in_blocks
 from transferlab.inference.model import ModelCard, load_inference_model
 
-BATCHES = (1, 32)
 MODELS = ("fp32", "int8")
-WARMUP = 3
 
 
-def timed_runs(run: Callable[[np.ndarray], Any], images: np.ndarray, runs: int) -> list[float]:
-    for _ in range(WARMUP):
-        run(images)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        run(images)
-        times.append(1000 * (time.perf_counter() - start))
-    return times
+def with_speedup(medians: dict[str, dict[int, float]]) -> dict[str, Any]:
+    return {**medians, "speedup": {b: medians["fp32"][b] / medians["int8"][b] for b in LATENCY_BATCHES}}
 
 
-def in_blocks(measure: Callable[[str, int], list[float]]) -> dict[str, Any]:
-    """Median ms per model and batch over blocks in the order fp32, int8, int8, fp32: a drift of the
-    machine (or a cold first block) falls on both alike."""
-    times: dict[str, dict[int, list[float]]] = {name: {b: [] for b in BATCHES} for name in MODELS}
-    for name in [*MODELS, *reversed(MODELS)]:
-        for batch in BATCHES:
-            times[name][batch] += measure(name, batch)
-    found: dict[str, Any] = {
-        name: {b: statistics.median(t) for b, t in per.items()} for name, per in times.items()
-    }
-    found["speedup"] = {b: found["fp32"][b] / found["int8"][b] for b in BATCHES}
-    return found
-
-
-def onnxruntime_route(files: dict[str, Path], size: int, threads: int, runs: int) -> dict[str, Any]:
+def onnxruntime_route(files: dict[str, Path], images: np.ndarray, threads: int, runs: int) -> dict[str, Any]:
     import onnxruntime
 
-    def measure(name: str, batch: int) -> list[float]:
-        # a session alive only in here: its threads, which spin after a run, end with it
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads
-        session = onnxruntime.InferenceSession(str(files[name]), options, providers=["CPUExecutionProvider"])
-        feed_name = session.get_inputs()[0].name
-        return timed_runs(lambda x: session.run(None, {feed_name: x}), random_images(batch, size), runs)
-
-    return {"version": onnxruntime.__version__, **in_blocks(measure)}
+    medians = medians_in_blocks(lambda name: onnxruntime_runner(files[name], threads), MODELS, images, runs)
+    return {"version": onnxruntime.__version__, **with_speedup(medians)}
 
 
-def openvino_route(files: dict[str, Path], size: int, threads: int, runs: int) -> dict[str, Any]:
+def openvino_route(files: dict[str, Path], images: np.ndarray, threads: int, runs: int) -> dict[str, Any]:
     import openvino
 
-    def measure(name: str, batch: int) -> list[float]:
+    def open_runner(name: str) -> Runner:
         core = openvino.Core()
-        model = core.read_model(str(files[name]))
-        model.reshape([batch, 3, size, size])
         settings: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
         if threads:
             settings["INFERENCE_NUM_THREADS"] = threads
-        compiled = core.compile_model(model, "CPU", settings)
-        request = compiled.create_infer_request()
-        return timed_runs(lambda x: request.infer({0: x}), random_images(batch, size), runs)
+        requests: dict[
+            int, Any
+        ] = {}  # one static-shape model per batch size, compiled at its first (warm-up) run
 
-    return {"version": openvino.__version__, **in_blocks(measure)}
+        def run(batch: np.ndarray) -> Any:
+            if len(batch) not in requests:
+                model = core.read_model(str(files[name]))
+                model.reshape(list(batch.shape))
+                requests[len(batch)] = core.compile_model(model, "CPU", settings).create_infer_request()
+            return requests[len(batch)].infer({0: batch})
+
+        return run
+
+    return {
+        "version": openvino.__version__,
+        **with_speedup(medians_in_blocks(open_runner, MODELS, images, runs)),
+    }
 
 
-def pt2e_route(card: ModelCard, size: int, runs: int) -> dict[str, Any]:
+def pt2e_route(card: ModelCard, images: np.ndarray, runs: int) -> dict[str, Any]:
     import torch._inductor.config as inductor_config
     import torchao
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
@@ -101,6 +81,7 @@ def pt2e_route(card: ModelCard, size: int, runs: int) -> dict[str, Any]:
     inductor_config.freezing = True  # weights become constants: what lets inductor fold the int8 weights
     model, _ = load_inference_model(card.source_checkpoint["path"])
     model = model.float().eval()
+    size = images.shape[-1]
     batch_dim = {"images": {0: torch.export.Dim("batch", min=1, max=256)}}
     exported = torch.export.export(model, (torch.randn(2, 3, size, size),), dynamic_shapes=batch_dim)
     quantizer = x86.X86InductorQuantizer().set_global(x86.get_default_x86_inductor_quantization_config())
@@ -109,16 +90,10 @@ def pt2e_route(card: ModelCard, size: int, runs: int) -> dict[str, Any]:
         for _ in range(4):
             prepared(torch.randn(8, 3, size, size))
         models = {"fp32": torch.compile(model), "int8": torch.compile(convert_pt2e(prepared))}
-
-        def measure(name: str, batch: int) -> list[float]:
-            return timed_runs(lambda x: models[name](torch.from_numpy(x)), random_images(batch, size), runs)
-
-        found = in_blocks(measure)
-    return {"version": torchao.__version__, "torch": torch.__version__, **found}
-
-
-def random_images(batch: int, size: int) -> np.ndarray:
-    return np.random.default_rng(0).standard_normal((batch, 3, size, size), dtype=np.float32)
+        medians = medians_in_blocks(
+            lambda name: lambda batch: models[name](torch.from_numpy(batch)), MODELS, images, runs
+        )
+    return {"version": torchao.__version__, "torch": torch.__version__, **with_speedup(medians)}
 
 
 def main() -> None:
@@ -140,11 +115,11 @@ def main() -> None:
     size = card.prep.crop_size
     if args.threads:
         torch.set_num_threads(args.threads)
-    block_runs = -(-args.runs // 2)  # two blocks per model
+    images = np.random.default_rng(0).standard_normal((max(LATENCY_BATCHES), 3, size, size), dtype=np.float32)
     routes: dict[str, Callable[[], dict[str, Any]]] = {
-        "onnxruntime": lambda: onnxruntime_route(files, size, args.threads, block_runs),
-        "openvino": lambda: openvino_route(files, size, args.threads, block_runs),
-        "pt2e_inductor": lambda: pt2e_route(card, size, block_runs),
+        "onnxruntime": lambda: onnxruntime_route(files, images, args.threads, args.runs),
+        "openvino": lambda: openvino_route(files, images, args.threads, args.runs),
+        "pt2e_inductor": lambda: pt2e_route(card, images, args.runs),
     }
     report: dict[str, Any] = {
         "run_dir": str(args.run_dir),

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import statistics
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from transferlab.checkpoints import read_checkpoint
+from transferlab.compress.timing import LATENCY_BATCHES, timed_ms
 from transferlab.config.schema import OptimizeConfig, PruneConfig
 from transferlab.errors import ConfigError
 from transferlab.evaluation import calibration_batches, checkpoint_data, default_split
@@ -190,7 +190,6 @@ def prune_unstructured(model: nn.Module, amount: float) -> float:
 PRUNED_NAME = "pruned.ckpt"
 RECOVERY_DIR = "finetune"
 REPORT_NAME = "prune.json"
-LATENCY_BATCHES = (1, 32)
 
 
 def prune_checkpoint(config: OptimizeConfig) -> dict[str, Any]:
@@ -347,14 +346,7 @@ def eager_latency(model: nn.Module, size: int, config: OptimizeConfig) -> dict[s
     try:
         timings = {}
         for batch in LATENCY_BATCHES:
-            images = torch.randn(batch, 3, size, size)
-            for _ in range(3):  # warm-up: allocation, kernel choice
-                model(images)
-            runs = []
-            for _ in range(config.latency_runs):
-                start = time.perf_counter()
-                model(images)
-                runs.append((time.perf_counter() - start) * 1000)
+            runs = timed_ms(model, torch.randn(batch, 3, size, size), config.latency_runs)
             timings[f"batch{batch}"] = round(statistics.median(runs), 3)
         return timings
     finally:

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
-import statistics
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -28,6 +26,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from transferlab.checkpoints import read_checkpoint
+from transferlab.compress.timing import LATENCY_BATCHES, WARMUP_RUNS, Runner, medians_in_blocks
 from transferlab.config.schema import ExportConfig, OptimizeConfig, QuantizeConfig
 from transferlab.errors import ConfigError, DataError
 from transferlab.evaluation import SplitScorer, calibration_batches, checkpoint_data, default_split
@@ -50,10 +49,8 @@ log = logging.getLogger(__name__)
 FP32_NAME = MODEL_FILES["onnx"]
 INT8_NAME = "model.int8.onnx"
 REPORT_NAME = "quantize.json"
-LATENCY_BATCHES = (1, 32)
 CALIBRATORS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}  # ORT's names
 QUANTIZED_LAYERS = ("Conv", "Gemm", "MatMul")
-WARMUP_RUNS = 3  # untimed runs first: the first ones allocate and pick kernels
 
 
 @dataclass
@@ -312,34 +309,22 @@ def _take(loader: DataLoader, count: int) -> Iterator[tuple[torch.Tensor, torch.
 
 
 def latencies(files: dict[str, Path], images: np.ndarray, config: OptimizeConfig) -> dict[str, Any]:
-    """Median milliseconds per run of each model at each batch size, each model timed with its session
-    the only one alive: ONNX Runtime's pool threads spin for a while after a run, so a second live session
-    takes a core from the one being timed (measured on Lite0, 2 cores, batch 32: fp32 149 and int8 83 ms
-    taking turns run by run, 125 and 58 ms alone). Blocks of runs in the order A B B A, so that a drift
-    of the machine's load falls on both alike."""
-    runs_per_block = -(-config.latency_runs // 2)
-    times: dict[str, dict[int, list[float]]] = {name: {b: [] for b in LATENCY_BATCHES} for name in files}
-    for name in [*files, *reversed(files)]:
-        session = _timing_session(files[name], config.threads)
-        input_name = session.get_inputs()[0].name
-        for batch in LATENCY_BATCHES:
-            feed = {input_name: images[:batch]}
-            for run in range(WARMUP_RUNS + runs_per_block):
-                start = time.perf_counter()
-                session.run(None, feed)
-                if run >= WARMUP_RUNS:
-                    times[name][batch].append(time.perf_counter() - start)
-        del session  # its threads stop: the next block's session runs alone
+    """Median milliseconds per run of each model at each batch size, each timed alone, in blocks
+    (`timing.medians_in_blocks`)."""
+    medians = medians_in_blocks(
+        lambda name: onnxruntime_runner(files[name], config.threads), list(files), images, config.latency_runs
+    )
     found: dict[str, Any] = {
-        name: {f"latency_ms_batch{b}": 1000 * statistics.median(runs) for b, runs in per_batch.items()}
-        for name, per_batch in times.items()
+        name: {f"latency_ms_batch{b}": ms for b, ms in per_batch.items()}
+        for name, per_batch in medians.items()
     }
+    order = [*files, *reversed(files)]
     found["settings"] = {
         "runtime": "onnxruntime, CPUExecutionProvider",
         "intra_op_num_threads": config.threads or "onnxruntime's default",
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
-        "runs": 2 * runs_per_block,
-        "order": "blocks " + ", ".join([*files, *reversed(files)]) + ", one session alive at a time",
+        "runs": 2 * -(-config.latency_runs // 2),
+        "order": "blocks " + ", ".join(order) + ", one session alive at a time",
         "warmup_runs": WARMUP_RUNS,
         "batch_sizes": list(LATENCY_BATCHES),
         "cpu_count": os.cpu_count(),
@@ -347,13 +332,16 @@ def latencies(files: dict[str, Path], images: np.ndarray, config: OptimizeConfig
     return found
 
 
-def _timing_session(path: Path, threads: int) -> Any:
+def onnxruntime_runner(path: Path, threads: int) -> Runner:
+    """A forward pass of the model in a session of its own (`threads`: intra-op; 0 = ONNX Runtime's default)."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3
-    options.intra_op_num_threads = threads  # 0: ONNX Runtime's default
-    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    options.intra_op_num_threads = threads
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    input_name = session.get_inputs()[0].name
+    return lambda batch: session.run(None, {input_name: batch})
 
 
 def log_summary(report: dict[str, Any]) -> None:
