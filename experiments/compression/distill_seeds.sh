@@ -25,12 +25,13 @@ for seed in 0 1 2 3 4; do
   wait
 done
 python - <<'PY'
-import json, statistics, time
+import json, statistics
 from pathlib import Path
 
 import torch
 import torch_pruning as tp
 
+from transferlab.compress.timing import LATENCY_BATCHES, timed_ms
 from transferlab.inference.model import load_inference_model
 
 out = Path("outputs/compression/kd10")
@@ -44,15 +45,8 @@ def size_and_speed(run: str) -> str:
     macs, params = tp.utils.count_ops_and_params(model, torch.randn(1, 3, 64, 64))
     cells = [f"{params / 1e6:.2f} M params", f"{macs / 1e6:.1f} M MACs"]
     with torch.inference_mode():
-        for batch in (1, 32):
-            images = torch.randn(batch, 3, 64, 64)
-            for _ in range(3):
-                model(images)
-            times = []
-            for _ in range(20):
-                start = time.perf_counter()
-                model(images)
-                times.append(1000 * (time.perf_counter() - start))
+        for batch in LATENCY_BATCHES:
+            times = timed_ms(model, torch.randn(batch, 3, 64, 64), runs=20)
             cells.append(f"batch {batch} {statistics.median(times):.2f} ms")
     return ", ".join(cells)
 
