@@ -220,14 +220,14 @@ def read_json(path: Path) -> dict:
 
 
 @pytest.fixture(scope="session")
-def quantized(trained_run, tmp_path_factory) -> Path:
+def quantized(checkpoint, tmp_path_factory) -> Path:
     """`trained_run`'s ResNet-18 quantized (2 calibration batches, few timed runs): the optimize run
     directory, with model.onnx (fp32), model.int8.onnx, model.json and quantize.json. Shared by
     test_quantize and test_eval_exported; tests must not change it."""
     out = tmp_path_factory.mktemp("quantized") / "run"
     status = run_tool(
         "optimize",
-        f"ckpt_path={trained_run / 'checkpoints' / 'best.ckpt'}",
+        f"ckpt_path={checkpoint}",
         "method=quantize",
         "quantize.calibration_batches=2",
         "latency_runs=2",
