@@ -4,8 +4,7 @@ The same Hydra app as `transferlab analyze` (transferlab/tools/analyze.py, conf/
 with report.html in its run directory, and the pictures in TensorBoard.
 """
 
-from transferlab.tools.analyze import main
-from transferlab.tools.app import run_program
+from transferlab.tools import run_tool
 
 if __name__ == "__main__":
-    run_program(main)
+    run_tool("analyze")

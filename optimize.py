@@ -3,8 +3,7 @@
 The same Hydra app as `transferlab optimize` (transferlab/tools/optimize.py, conf/optimize.yaml).
 """
 
-from transferlab.tools.app import run_program
-from transferlab.tools.optimize import main
+from transferlab.tools import run_tool
 
 if __name__ == "__main__":
-    run_program(main)
+    run_tool("optimize")

@@ -3,8 +3,7 @@
 The same Hydra app as `transferlab predict` (transferlab/tools/predict.py, conf/predict.yaml).
 """
 
-from transferlab.tools.app import run_program
-from transferlab.tools.predict import main
+from transferlab.tools import run_tool
 
 if __name__ == "__main__":
-    run_program(main)
+    run_tool("predict")

@@ -6,6 +6,8 @@ from __future__ import annotations
 import ast
 import importlib
 import importlib.resources
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -128,3 +130,28 @@ def test_optional_stacks_are_imported_only_where_used():
             names += [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
             heavy = [n for n in names if n.split(".")[0] in OPTIONAL_STACKS]
             assert not heavy, f"{name} imports {heavy} at module level"
+
+
+PROGRAM_START = """
+import gc, sys
+passes = []
+gc.callbacks.append(lambda phase, info: passes.append(info["generation"]) if phase == "stop" else None)
+sys.argv = ["-m"]  # what Python sets while it locates the module of `python -m transferlab.tools.<tool>`
+import transferlab.tools
+light, before = "torch" not in sys.modules, len(passes)
+import transferlab.tools.train
+from transferlab.tools.app import run_program
+seen = {}
+run_program(lambda: seen.update(enabled=gc.isenabled(), frozen=gc.get_freeze_count()))
+print(light, len(passes) - before, seen["enabled"], seen["frozen"] > 100_000)
+"""
+
+
+def test_a_program_imports_its_tool_without_collector_passes_then_freezes_what_they_made():
+    """The start-up of `python -m transferlab.tools.<tool>` (transferlab.tools' docstring): no garbage
+    collection during the tool's imports, the collector back on and the imports' objects frozen when
+    the tool runs; and transferlab.tools itself imports nothing heavy (it is imported first)."""
+    done = subprocess.run(
+        [sys.executable, "-c", PROGRAM_START], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert done.stdout.split() == ["True", "0", "True", "True"], done.stdout + done.stderr

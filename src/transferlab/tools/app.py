@@ -118,10 +118,14 @@ def hydra_tool(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Call
 
 def run_program(main: Callable[[], Any]) -> None:
     """A tool run as a program (`python train.py ...`, `transferlab <tool> ...`; not `run_in_process`).
-    When it ends, the objects it made are left out of the interpreter's last garbage collections
-    (gc.freeze): the OS frees the memory anyway, and those passes over a process holding torch,
-    Lightning and Hydra cost about 1 s of a 3-epoch run's 17 s (benchmarks/overhead.py). atexit
-    handlers, logging's shutdown and the flushing of files and streams run as usual."""
+    The objects its imports made are frozen (gc.freeze: left out of the collector's passes, which then
+    walk only what the run makes) and the collector, off during the imports (transferlab.tools), is
+    turned on. When it ends, everything is left out of the interpreter's last garbage collections: the
+    OS frees the memory anyway, and those passes over a process holding torch, Lightning and Hydra cost
+    about 1 s of a 3-epoch run's 17 s (benchmarks/overhead.py). atexit handlers, logging's shutdown and
+    the flushing of files and streams run as usual."""
+    gc.freeze()
+    gc.enable()
     try:
         main()
     finally:
