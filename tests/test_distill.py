@@ -103,7 +103,7 @@ def test_a_teacher_of_other_classes_is_refused_before_training(trained_run, tmp_
     ]
     assert run_tool("train", *overrides) != 0
     err = "".join(capsys.readouterr())  # the one-line error is logged
-    assert "was trained on 3 classes ['cat', 'dog', 'fox'], but this run's data has 2 classes" in err
+    assert "was trained on 3 classes ['cat', 'dog', 'fox'], but the data has 2 classes" in err
     assert not (tmp_path / "r" / "checkpoints").exists()
 
 

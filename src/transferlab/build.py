@@ -18,7 +18,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from transferlab.backbones import get_source, is_weights_file
 from transferlab.callbacks import ConfusionMatrixImage
-from transferlab.checkpoints import read_checkpoint, stored_hyperparameters
+from transferlab.checkpoints import check_checkpoint_classes, read_checkpoint, stored_hyperparameters
 from transferlab.config.parse import trainer_arg
 from transferlab.config.schema import (
     AugmentConfig,
@@ -129,13 +129,7 @@ def load_teacher(distill: DistillConfig, class_names: list[str], preprocessing: 
     checkpoint = read_checkpoint(
         distill.teacher, distill.trust_teacher, "distill.teacher", "distill.trust_teacher"
     )
-    trained = list(checkpoint["hyper_parameters"]["class_names"])
-    if trained != list(class_names):
-        raise ConfigError(
-            f"distill.teacher={distill.teacher} was trained on {len(trained)} classes {trained}, but this run's "
-            f"data has {len(class_names)} classes {list(class_names)}: distill from a teacher of the same classes "
-            "(data.classes=[...] keeps a subset, in the given order)"
-        )
+    check_checkpoint_classes(checkpoint, distill.teacher, class_names, key="distill.teacher")
     network = ImageClassifier.from_checkpoint(checkpoint)
     teacher_preprocessing = checkpoint["hyper_parameters"]["preprocessing"]
     log.info(
