@@ -32,7 +32,7 @@ from transferlab.models.pretrain import Pretrainer
 from transferlab.models.speed import apply_speed_options, check_speed_options
 from transferlab.resume import ReseedEachEpoch, start_checkpoint
 from transferlab.runtime import is_multirun
-from transferlab.training import log_final_hparams, run_job
+from transferlab.training import finalizing, log_final_hparams, run_job
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +98,7 @@ def _fit(config: PretrainConfig, output_dir: Path) -> dict[str, Any]:
         model, config.model, datamodule.preprocessing.crop_size, trainer.strategy.root_device.type
     )
     apply_speed_options(model, config.model)
-    status = "failed"
-    try:
+    with finalizing(loggers):
         if trainer.is_global_zero:
             datamodule.write_run_files(output_dir)
         trainer.fit(model, datamodule=datamodule, ckpt_path=config.ckpt_path)
@@ -114,11 +113,7 @@ def _fit(config: PretrainConfig, output_dir: Path) -> dict[str, Any]:
             metrics["val/loss"],
             metrics["best_ckpt"] or metrics["last_ckpt"],
         )
-        status = "success"
         return metrics
-    finally:
-        for logger in loggers:
-            logger.finalize(status)
 
 
 def _results(trainer: L.Trainer, output_dir: Path) -> dict[str, Any]:

@@ -7,7 +7,7 @@ import contextlib
 import itertools
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -66,6 +66,19 @@ def _flat_hparams(config: TrainConfig) -> dict[str, Any]:
 
     walk(plain, "")
     return flat
+
+
+@contextlib.contextmanager
+def finalizing(loggers: list[Logger]) -> Iterator[None]:
+    """The loggers closed at the end of the block with the run's status: "success" when it ends normally
+    (a return included), "failed" when it raises."""
+    status = "failed"
+    try:
+        yield
+        status = "success"
+    finally:
+        for logger in loggers:
+            logger.finalize(status)
 
 
 def log_final_hparams(loggers: list[Logger], hparams: dict[str, Any], metrics: dict[str, Any]) -> None:
@@ -214,8 +227,7 @@ def _fit_and_evaluate(config: TrainConfig, output_dir: Path) -> dict[str, Any]:
         # loader first asks for them (after a checkpoint is restored); checkpoints hold the whole network
         datamodule.feature_cache = FeatureCache(model)
         model.inputs_are_features = True
-    status = "failed"
-    try:
+    with finalizing(loggers):
         if trainer.is_global_zero:
             datamodule.write_run_files(output_dir)
             log_class_counts(loggers, datamodule.class_counts())
@@ -230,11 +242,7 @@ def _fit_and_evaluate(config: TrainConfig, output_dir: Path) -> dict[str, Any]:
             write_json(output_dir / METRICS_FILE, metrics)
             log_final_hparams(loggers, _flat_hparams(config), metrics)
         log.info("Run directory: %s", output_dir)
-        status = "success"
         return metrics
-    finally:
-        for logger in loggers:
-            logger.finalize(status)
 
 
 def prepare_model(config: TrainConfig, datamodule: TransferDataModule) -> ImageClassifier:
