@@ -256,3 +256,26 @@ def test_checkpoints_of_earlier_releases_still_load():
     )
     assert model.frozen_stages.plan.strategy == "linear_probe" and model.criterion.name == "cross_entropy"
     assert model.criterion.label_smoothing == 0.1 and model.optim_config.layer_decay is None
+
+
+def test_loggers_are_closed_with_the_runs_status():
+    from transferlab.training import finalizing
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.statuses: list[str] = []
+
+        def finalize(self, status: str) -> None:
+            self.statuses.append(status)
+
+    def run(fail: bool) -> int:
+        with finalizing(loggers):
+            if fail:
+                raise RuntimeError("boom")
+            return 1
+
+    loggers = [Recorder(), Recorder()]
+    assert run(fail=False) == 1
+    with pytest.raises(RuntimeError, match="boom"):
+        run(fail=True)
+    assert [logger.statuses for logger in loggers] == [["success", "failed"]] * 2
