@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -127,3 +128,42 @@ def test_a_teacher_that_is_not_a_checkpoint_names_the_key(tmp_path, capsys):
     ]
     assert run_tool("train", *missing) != 0
     assert "none.ckpt: no such file (give a best.ckpt of ours)" in "".join(capsys.readouterr())
+
+
+def _distill_with_mixup(trained_run: Path, run_dir: Path, epochs: int) -> list[str]:
+    """Student and teacher on trained_run's data, mixup's soft targets, one process, loader in-process
+    (num_workers=0: the data a resumed epoch sees is then exactly the uninterrupted run's)."""
+    return [
+        *[o for o in FAST if not o.startswith(("data.image_size", "trainer.max_epochs"))],
+        "data=imagefolder",
+        f"data.root={trained_run.parent / 'data'}",
+        "data.image_size=32",
+        "data.num_workers=0",
+        "augment.mixup_alpha=0.4",
+        "scheduler=none",
+        "logger=none",
+        f"trainer.max_epochs={epochs}",
+        f"distill.teacher={trained_run / 'checkpoints' / 'best.ckpt'}",
+        f"hydra.run.dir={run_dir}",
+    ]
+
+
+def test_distillation_with_mixup_resumes_to_the_uninterrupted_metrics(trained_run, tmp_path):
+    """Mixup's soft targets in the labels' term, and `resume=` loading the teacher again (it is in no
+    checkpoint): 1 epoch then resumed to 2 ends exactly where 2 epochs in one go end."""
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    assert run_tool("train", *_distill_with_mixup(trained_run, whole, epochs=2)) == 0
+    assert run_tool("train", *_distill_with_mixup(trained_run, stopped, epochs=1)) == 0
+    assert run_tool("train", f"resume={stopped}", "trainer.max_epochs=2") == 0
+    finals = [json.loads((run / "metrics.json").read_text()) for run in (whole, stopped)]
+    keys = [k for k in finals[0] if k.startswith(("val/", "test/")) and isinstance(finals[0][k], float)]
+    assert {"val/loss", "test/loss", "test/acc"} <= set(keys)
+    assert {k: finals[1][k] for k in keys} == {k: finals[0][k] for k in keys}
+    # the weights after epoch 2: what the teacher's targets shaped (best.ckpt may be epoch 1's)
+    last = [
+        torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+        for run in (whole, stopped)
+    ]
+    assert last[0].keys() == last[1].keys()
+    assert all(torch.equal(last[0][k], last[1][k]) for k in last[0])
+    assert (stopped / "train.log").read_text().count("Distilling from") == 2  # loaded again to resume
