@@ -39,16 +39,22 @@ def evaluate_in_one_process(ckpt: Path) -> dict[str, float]:
     return metrics
 
 
-def test_ddp_two_processes_report_the_metrics_of_one_process_and_unfreeze_in_sync(tmp_path):
+def test_ddp_two_processes_report_the_metrics_of_one_process_and_unfreeze_in_sync(tmp_path, tmp_path_factory):
     """Two CPU processes (gloo), the head alone in epoch 0, the backbone joining in epoch 1 (gradual
-    unfreezing under DDP: the stage that waits keeps requires_grad and loses its gradient until then)."""
+    unfreezing under DDP: the stage that waits keeps requires_grad and loses its gradient until then),
+    distilled from a teacher (each process loads it; it is in none of the student's checkpoints)."""
+    teacher = tmp_path_factory.mktemp("teacher") / "run"
+    assert run_tool("train", *DDP_DATA, "logger=none", f"hydra.run.dir={teacher}") == 0
     run_dir, states = tmp_path / "ddp", tmp_path / "ddp" / "rank_states"
     gradual = ["freeze=gradual", "freeze.milestones=[1]", "freeze.bn=eval", "trainer.max_epochs=2"]
+    distill = [f"distill.teacher={teacher / 'checkpoints' / 'best.ckpt'}"]
     # the installed command, from a folder without conf/: Lightning re-runs `python -m transferlab.tools.train`
     run_cli(
-        "-m", "transferlab", "train", *DDP_DATA, *gradual, *rank_states(states), "trainer=ddp",
+        "-m", "transferlab", "train", *DDP_DATA, *gradual, *distill, *rank_states(states), "trainer=ddp",
         "trainer.devices=2", "trainer.accelerator=cpu", f"hydra.run.dir={run_dir}", cwd=tmp_path,
     )  # fmt: skip
+    for log in ("train.log", "train_ddp_process_1.log"):
+        assert "Distilling from" in (run_dir / log).read_text(), log
     reported = json.loads((run_dir / "metrics.json").read_text())
     single = evaluate_in_one_process(run_dir / "checkpoints" / "best.ckpt")
     for key in SCALARS:
