@@ -1,10 +1,12 @@
-"""int8 against fp32 on the CPU under three runtimes, for one `optimize method=quantize` output
+"""int8 against fp32 on the CPU under three runtimes and four routes, for one `optimize method=quantize` output
 (experiments/compression/README.md, "Other int8 routes"):
 
     python benchmarks/int8_runtimes.py outputs/compression/<run> --out experiments/compression/int8_runtimes.json
 
 - ONNX Runtime (what `optimize` ships): its model.onnx and model.int8.onnx;
 - OpenVINO (`pip install openvino`), the same two files: the QDQ int8 model runs on its own int8 kernels;
+- OpenVINO's own int8 (`pip install openvino nncf`): NNCF's post-training quantization of the fp32 file
+  (calibrated on random inputs: latency only), against the same fp32 file;
 - PyTorch's own route (`pip install torchao`): the source checkpoint's model through PT2E with torchao's
   X86InductorQuantizer (calibrated on random inputs: latency only, no accuracy), against the same model
   in fp32, both compiled by inductor with freezing.
@@ -45,7 +47,10 @@ def onnxruntime_route(files: dict[str, Path], images: np.ndarray, threads: int, 
     return {"version": onnxruntime.__version__, **with_speedup(medians)}
 
 
-def openvino_route(files: dict[str, Path], images: np.ndarray, threads: int, runs: int) -> dict[str, Any]:
+def _openvino_medians(
+    models: dict[str, Callable[[Any], Any]], images: np.ndarray, threads: int, runs: int
+) -> dict[str, Any]:
+    """OpenVINO's medians for models[name](core) -> a model (a fresh one per batch size: it is reshaped)."""
     import openvino
 
     def open_runner(name: str) -> Runner:
@@ -59,7 +64,7 @@ def openvino_route(files: dict[str, Path], images: np.ndarray, threads: int, run
 
         def run(batch: np.ndarray) -> Any:
             if len(batch) not in requests:
-                model = core.read_model(str(files[name]))
+                model = models[name](core)
                 model.reshape(list(batch.shape))
                 requests[len(batch)] = core.compile_model(model, "CPU", settings).create_infer_request()
             return requests[len(batch)].infer({0: batch})
@@ -70,6 +75,30 @@ def openvino_route(files: dict[str, Path], images: np.ndarray, threads: int, run
         "version": openvino.__version__,
         **with_speedup(medians_in_blocks(open_runner, MODELS, images, runs)),
     }
+
+
+def openvino_route(files: dict[str, Path], images: np.ndarray, threads: int, runs: int) -> dict[str, Any]:
+    readers = {name: (lambda core, path=path: core.read_model(str(path))) for name, path in files.items()}
+    return _openvino_medians(readers, images, threads, runs)
+
+
+def openvino_nncf_route(
+    files: dict[str, Path], images: np.ndarray, threads: int, runs: int
+) -> dict[str, Any]:
+    """OpenVINO's own int8 route: NNCF's post-training quantization (its defaults) of the fp32 file,
+    calibrated on the benchmark's random images (latency only), against the same fp32 file."""
+    import nncf
+    import openvino
+
+    model = openvino.Core().read_model(str(files["fp32"]))
+    model.reshape([1, *images.shape[1:]])
+    samples = [images[i : i + 1] for i in range(len(images))]
+    quantized = nncf.quantize(model, nncf.Dataset(samples), subset_size=len(samples))
+    models = {
+        "fp32": lambda core: core.read_model(str(files["fp32"])),
+        "int8": lambda core: quantized.clone(),
+    }
+    return {"nncf": nncf.__version__, **_openvino_medians(models, images, threads, runs)}
 
 
 def pt2e_route(card: ModelCard, images: np.ndarray, runs: int) -> dict[str, Any]:
@@ -119,6 +148,7 @@ def main() -> None:
     routes: dict[str, Callable[[], dict[str, Any]]] = {
         "onnxruntime": lambda: onnxruntime_route(files, images, args.threads, args.runs),
         "openvino": lambda: openvino_route(files, images, args.threads, args.runs),
+        "openvino_nncf": lambda: openvino_nncf_route(files, images, args.threads, args.runs),
         "pt2e_inductor": lambda: pt2e_route(card, images, args.runs),
     }
     report: dict[str, Any] = {
