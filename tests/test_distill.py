@@ -167,3 +167,21 @@ def test_distillation_with_mixup_resumes_to_the_uninterrupted_metrics(trained_ru
     assert last[0].keys() == last[1].keys()
     assert all(torch.equal(last[0][k], last[1][k]) for k in last[0])
     assert (stopped / "train.log").read_text().count("Distilling from") == 2  # loaded again to resume
+
+
+def test_a_teacher_follows_a_true_precision_run(trained_run, tmp_path):
+    """Under trainer.precision=bf16-true Lightning casts each batch to bf16; the teacher (no module of the
+    student's) must follow it, or its first convolution refuses the batch."""
+    run_dir = tmp_path / "bf16"
+    overrides = [
+        *[o for o in FAST if not o.startswith("data.image_size")],
+        "data=imagefolder",
+        f"data.root={trained_run.parent / 'data'}",
+        "data.image_size=32",
+        "trainer.precision=bf16-true",
+        "logger=none",
+        f"distill.teacher={trained_run / 'checkpoints' / 'best.ckpt'}",
+        f"hydra.run.dir={run_dir}",
+    ]
+    assert run_tool("train", *overrides) == 0, (run_dir / "error.txt").read_text()[-2000:]
+    assert math.isfinite(json.loads((run_dir / "metrics.json").read_text())["val/loss"])

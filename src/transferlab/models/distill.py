@@ -47,9 +47,12 @@ class Teacher:
     @torch.no_grad()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """The teacher's logits for the student's batch (same augmented images, through the teacher's own
-        normalisation and input size when they differ); no autograd graph, so no gradient memory."""
-        if next(self.network.parameters()).device != images.device:
-            self.network.to(images.device)
+        normalisation and input size when they differ); no autograd graph, so no gradient memory. The
+        network follows the batch's device and, under a `*-true` precision (Lightning casts each batch
+        to it, not this network, which is no module of the student's), its dtype."""
+        weight = next(self.network.parameters())
+        if weight.device != images.device or weight.dtype != images.dtype:
+            self.network.to(device=images.device, dtype=images.dtype)
         if self._convert:
             images = to_teacher_input(images, self._student, self._own)
         return self.network(images)
