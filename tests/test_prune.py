@@ -239,3 +239,80 @@ def test_init_from_is_one_way_to_start_and_needs_the_same_backbone(pruned_run, t
         "train", *FAST, "backbone=mobilenet_v3_large", f"init_from={data}", f"hydra.run.dir={tmp_path / 'r'}"
     )
     assert status != 0 and "use the same backbone" in "".join(capsys.readouterr())
+
+
+def _run_with_moved_data(trained_run: Path, root: Path) -> tuple[Path, Path]:
+    """A copy of trained_run whose checkpoint and run config name a data folder that is gone (the data
+    moved to `root`): (its best.ckpt, root)."""
+    run = root / "run"
+    shutil.copytree(trained_run / ".hydra", run / ".hydra")
+    (run / "checkpoints").mkdir()
+    checkpoint = torch.load(trained_run / "checkpoints" / "best.ckpt", weights_only=True)
+    old_root = str(root / "gone")
+    checkpoint["datamodule_hyper_parameters"]["data"]["root"] = old_root
+    torch.save(checkpoint, run / "checkpoints" / "best.ckpt")
+    config = (run / ".hydra" / "config.yaml").read_text()
+    (run / ".hydra" / "config.yaml").write_text(config.replace(str(trained_run.parent / "data"), old_root))
+    shutil.copytree(trained_run.parent / "data", root / "moved")
+    return run / "checkpoints" / "best.ckpt", root / "moved"
+
+
+def test_the_recovery_trains_on_the_data_keys_given_to_optimize(trained_run, tmp_path):
+    """data.root=... (the data moved) is measured on and fine-tuned on: the recovery is a training run of
+    its own, from the saved run config, which still names the old folder."""
+    checkpoint, moved = _run_with_moved_data(trained_run, tmp_path)
+    out = tmp_path / "pruned"
+    overrides = ["method=prune", "prune.amount=0.3", "finetune.epochs=1", "latency_runs=1"]
+    status = run_tool(
+        "optimize", f"ckpt_path={checkpoint}", f"data.root={moved}", *overrides, f"hydra.run.dir={out}"
+    )
+    assert status == 0, (out / "error.txt").read_text()[-2000:] if (out / "error.txt").exists() else status
+    report = json.loads((out / "prune.json").read_text())
+    assert Path(report["recovered"]["best_ckpt"]).is_file() and report["recovered"]["test/acc"] is not None
+    stored = torch.load(report["recovered"]["best_ckpt"], weights_only=True)["datamodule_hyper_parameters"]
+    assert stored["data"]["root"] == str(moved)
+
+
+def test_a_bad_stage_or_recovery_config_is_refused_before_any_work(trained_run, tmp_path, capsys):
+    checkpoint = trained_run / "checkpoints" / "best.ckpt"
+    status = run_tool(
+        "optimize", f"ckpt_path={checkpoint}", "method=prune", "prune.stages={nope: 0.5}",
+        "finetune.epochs=0", f"hydra.run.dir={tmp_path / 's'}",
+    )  # fmt: skip
+    err = "".join(capsys.readouterr())
+    assert status == 2 and "prune.stages names 'nope'" in err and "Preprocessing" not in err
+    run = tmp_path / "run"
+    shutil.copytree(trained_run / ".hydra", run / ".hydra")
+    (run / "checkpoints").mkdir()
+    shutil.copy(checkpoint, run / "checkpoints" / "best.ckpt")
+    config = run / ".hydra" / "config.yaml"
+    config.write_text(config.read_text().replace("  lr: 0.01\n", "  lr: -1\n"))  # optim.lr
+    status = run_tool(
+        "optimize", f"ckpt_path={run / 'checkpoints' / 'best.ckpt'}", "method=prune", "finetune.epochs=1",
+        f"hydra.run.dir={tmp_path / 'c'}",
+    )  # fmt: skip
+    err = "".join(capsys.readouterr())
+    assert status == 2 and "as the recovery fine-tune's config" in err and "Preprocessing" not in err
+
+
+def test_the_recovery_runs_in_one_process():
+    from omegaconf import OmegaConf
+
+    from transferlab.compress.prune import _one_process
+
+    trainer = OmegaConf.create({"devices": 4, "num_nodes": 2, "strategy": "ddp", "accelerator": "gpu"})
+    _one_process(trainer)
+    assert (trainer.devices, trainer.num_nodes, trainer.strategy) == (1, 1, "auto")
+
+
+def test_calibration_needs_training_images():
+    from types import SimpleNamespace
+
+    from transferlab.errors import DataError
+    from transferlab.evaluation import calibration_batches
+
+    empty = SimpleNamespace(split_dataloader=lambda split: SimpleNamespace(dataset=[]), batch_size=4)
+    with pytest.raises(
+        DataError, match=r"prune.bn_batches=16 reads training images, and the training split has none"
+    ):
+        calibration_batches(empty, 16, 0, "prune.bn_batches")

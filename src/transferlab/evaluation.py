@@ -619,6 +619,10 @@ def calibration_batches(datamodule: Any, batches: int, seed: int, key: str) -> l
     classes (the loader's order is by class: its first batches would hold one class). For int8
     calibration and batch-norm re-estimation after pruning; `key` names the setting in the warning."""
     dataset = datamodule.split_dataloader("train").dataset  # the evaluation transform, no augmentation
+    if len(dataset) == 0:
+        raise DataError(
+            f"{key}={batches} reads training images, and the training split has none: give data with one"
+        )
     size = datamodule.batch_size
     wanted = batches * size
     if wanted > len(dataset):

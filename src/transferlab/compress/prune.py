@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import statistics
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from torch.nn.utils import prune as torch_prune
 
 from transferlab.checkpoints import read_checkpoint
 from transferlab.compress.timing import LATENCY_BATCHES, timed_ms
+from transferlab.config import parse_train_config
 from transferlab.config.schema import OptimizeConfig, PruneConfig
 from transferlab.errors import ConfigError
 from transferlab.evaluation import calibration_batches, checkpoint_data, default_split
@@ -54,14 +55,6 @@ class PruneReport:
     macs_after: int
     pruned: dict[str, dict[str, Any]]  # the model's `pruned` hyperparameter: its layer widths
 
-    @property
-    def params_ratio(self) -> float:
-        return self.params_after / self.params_before
-
-    @property
-    def macs_ratio(self) -> float:
-        return self.macs_after / self.macs_before
-
 
 def check_prunable(model: ImageClassifier) -> None:
     """Refuse a backbone with attention layers: torch-pruning needs each one's head layout declared
@@ -72,7 +65,7 @@ def check_prunable(model: ImageClassifier) -> None:
             raise ConfigError(
                 f"backbone.name={config.name} (source {config.source}) cannot be channel-pruned: "
                 f"{name} ({type(module).__name__}) is an attention layer. Structured pruning works on "
-                f"convolutional families: {PRUNABLE_FAMILIES}; or prune it unstructured"
+                f"convolutional families: {PRUNABLE_FAMILIES}"
             )
 
 
@@ -194,45 +187,48 @@ REPORT_NAME = "prune.json"
 
 def prune_checkpoint(config: OptimizeConfig) -> dict[str, Any]:
     """Prune the checkpoint's backbone (`prune.*`), save it as pruned.ckpt, fine-tune it to recover
-    (`finetune.epochs`, a training run of its own in finetune/, with the checkpoint's run config and
-    `init_from`), and report test accuracy before pruning, after it and after the recovery, parameters,
-    MACs and eager CPU latency in prune.json. The recovered best.ckpt is an ordinary checkpoint."""
+    (`finetune.epochs`, a training run of its own in finetune/, with the checkpoint's run config, the
+    data keys given here, and `init_from`), and report accuracy on the split before pruning, after it
+    and after the recovery, parameters, MACs and eager CPU latency in prune.json (written before the
+    recovery starts, and again with its result). The recovered best.ckpt is an ordinary checkpoint."""
     output_dir = Path(config.paths.output_dir)
     checkpoint = read_checkpoint(config.ckpt_path, trust=config.trust_checkpoint)
     saved_run = recovery_config(config, checkpoint, output_dir) if config.finetune.epochs else None
     model = ImageClassifier.from_checkpoint(checkpoint)
     check_prunable(model)
+    if config.prune.stages:
+        stage_modules(model, config.prune.stages)  # a name that is not a stage: refused before any work
     split = default_split(checkpoint, config.ckpt_path)
     data = checkpoint_data(checkpoint, config.ckpt_path, config.data, split, config.seed, output_dir)
+    bn_images = (
+        calibration_batches(data.datamodule, config.prune.bn_batches, config.seed, "prune.bn_batches")
+        if config.prune.bn_batches
+        else []
+    )
     loader = data.datamodule.split_dataloader(split)
     size = int(checkpoint["hyper_parameters"]["preprocessing"]["crop_size"])
     example = torch.zeros(1, 3, size, size)
-    before = {"test/acc": accuracy(model, loader), "latency_ms": eager_latency(model, size, config)}
+    acc = f"{split}/acc"
+    before = {acc: accuracy(model, loader), "latency_ms": eager_latency(model, size, config)}
     report = prune_classifier(
         model, example, config.prune.amount, config.prune.stages, config.prune.importance
     )
     model = rebuild(model)
     stale = accuracy(model, loader)
-    if config.prune.bn_batches:
-        recalibrate_batch_norm(
-            model,
-            calibration_batches(data.datamodule, config.prune.bn_batches, config.seed, "prune.bn_batches"),
-        )
+    if bn_images:
+        recalibrate_batch_norm(model, bn_images)
     pruned_file = save_pruned(model, checkpoint, output_dir / PRUNED_NAME)
     after = {
-        "test/acc": accuracy(model, loader),
-        "test/acc_before_bn_recalibration": stale,
+        acc: accuracy(model, loader),
+        f"{acc}_before_bn_recalibration": stale,
         "bn_batches": config.prune.bn_batches,
         "latency_ms": eager_latency(model, size, config),
     }
     result = {
         "checkpoint": str(config.ckpt_path),
         "backbone": model.backbone_config.name,
-        "prune": {
-            "amount": config.prune.amount,
-            "stages": config.prune.stages,
-            "importance": config.prune.importance,
-        },
+        "prune": {"importance": config.prune.importance}
+        | ({"stages": config.prune.stages} if config.prune.stages else {"amount": config.prune.amount}),
         "params": {"before": report.params_before, "after": report.params_after},
         "macs_per_image": {"before": report.macs_before, "after": report.macs_after},
         "split": split,
@@ -240,24 +236,26 @@ def prune_checkpoint(config: OptimizeConfig) -> dict[str, Any]:
         "before": before,
         "pruned": {**after, "file": str(pruned_file)},
         "latency": {
-            "threads": torch.get_num_threads(),
+            "threads": config.threads or torch.get_num_threads(),
             "runs": config.latency_runs,
             "batches": LATENCY_BATCHES,
         },
     }
+    write_json(output_dir / REPORT_NAME, result)  # kept if the recovery fails or is stopped
     if saved_run is not None:
+        saved_run.data = asdict(data.datamodule.cfg)  # the data measured here: data.* keys given included
         result["recovered"] = recover(
             saved_run, pruned_file, config.finetune.epochs, output_dir / RECOVERY_DIR
         )
-    write_json(output_dir / REPORT_NAME, result)
+        write_json(output_dir / REPORT_NAME, result)
     log.info("%s", summary_line(result))
     return result
 
 
 def recovery_config(config: OptimizeConfig, checkpoint: dict[str, Any], output_dir: Path) -> DictConfig:
     """The checkpoint's run config (<run>/.hydra/config.yaml), set to fine-tune the pruned network: every
-    stage training, `finetune.epochs` epochs, in output_dir/finetune. Read first: a missing one stops
-    the job before any work."""
+    stage training, `finetune.epochs` epochs, one process, in output_dir/finetune; checked as train
+    checks a config. Read first: a missing or invalid one stops the job before any work."""
     run_dir = Path(config.ckpt_path).expanduser().resolve().parent.parent
     saved_file = run_dir / ".hydra" / "config.yaml"
     if not saved_file.is_file():
@@ -271,20 +269,40 @@ def recovery_config(config: OptimizeConfig, checkpoint: dict[str, Any], output_d
         saved.ckpt_path, saved.resume = None, None
         saved.tune.lr_find, saved.calibrate = False, False
         saved.paths.output_dir = str(output_dir / RECOVERY_DIR)
+        saved.trainer.max_epochs = config.finetune.epochs
         if config.finetune.lr is not None:
             saved.optim.lr = config.finetune.lr
+        _one_process(saved.trainer)
+    try:
+        parse_train_config(saved)
+    except ConfigError as error:
+        raise ConfigError(f"{saved_file}, as the recovery fine-tune's config: {error}") from None
     return saved
+
+
+def _one_process(trainer: DictConfig) -> None:
+    """The recovery runs inside this job: a run trained on several devices is fine-tuned on one (Lightning
+    would start the others by re-running `optimize`, which would prune again in each)."""
+    if trainer.get("devices", 1) in (1, "1") and trainer.get("num_nodes", 1) == 1:
+        return
+    log.info(
+        "The recovery fine-tune runs in one process (the run used trainer.devices=%s, trainer.num_nodes=%s)",
+        trainer.get("devices"),
+        trainer.get("num_nodes"),
+    )
+    trainer.devices, trainer.num_nodes = 1, 1
+    if "ddp" in str(trainer.get("strategy", "auto")):
+        trainer.strategy = "auto"
 
 
 def recover(saved: DictConfig, pruned_file: Path, epochs: int, run_dir: Path) -> dict[str, Any]:
     """The recovery fine-tune: a training run from the pruned network (`init_from`)."""
     with open_dict(saved):
         saved.init_from = str(pruned_file)
-        saved.trainer.max_epochs = epochs
     log.info("Fine-tuning the pruned network for %d epochs in %s", epochs, run_dir)
     metrics = train(saved)
     return {
-        "test/acc": metrics.get("test/acc"),
+        "test/acc": metrics.get("test/acc"),  # None without a test split (or with test_after_fit=false)
         "val/acc": metrics.get("val/acc"),
         "epochs": epochs,
         "best_ckpt": metrics["best_ckpt"],
@@ -354,13 +372,14 @@ def eager_latency(model: nn.Module, size: int, config: OptimizeConfig) -> dict[s
 
 
 def summary_line(result: dict[str, Any]) -> str:
-    b, p = result["before"], result["pruned"]
+    b, p, acc = result["before"], result["pruned"], f"{result['split']}/acc"
     text = (
         f"pruned {result['backbone']}: params {result['params']['before'] / 1e6:.2f}M -> "
-        f"{result['params']['after'] / 1e6:.2f}M; test acc {b['test/acc']:.4f} -> {p['test/acc']:.4f} (no recovery)"
+        f"{result['params']['after'] / 1e6:.2f}M; {result['split']} acc {b[acc]:.4f} -> {p[acc]:.4f} (no recovery)"
     )
-    if "recovered" in result:
-        text += f" -> {result['recovered']['test/acc']:.4f} after {result['recovered']['epochs']} epochs"
+    recovered = result.get("recovered", {})
+    if recovered.get(acc) is not None:
+        text += f" -> {recovered[acc]:.4f} after {recovered['epochs']} epochs"
     speedup = b["latency_ms"]["batch32"] / p["latency_ms"]["batch32"]
     return (
         text

@@ -1033,8 +1033,10 @@ class PruneConfig:
 
     amount: float = 0.5  # fraction of the channels removed from every prunable backbone layer, in (0, 1)
     # {stage name: fraction}: prune only these stages, each by its own fraction, instead of every layer by
-    # `amount` (a ResNet's stages: conv1+bn1, layer1 ... layer4; a wrong name lists them); null = every stage
-    stages: dict[str, float] | None = None
+    # `amount` (a ResNet's stages: conv1+bn1, layer1 ... layer4; a wrong name lists them); null = every
+    # stage. Typed Any for Hydra, which can neither merge `prune.stages={layer3: 0.5}` into a null dict node
+    # nor add keys to an empty one; checked here instead
+    stages: Any = None
     importance: str = "l1"  # l1 | l2: which channels go first, the smallest by this norm of their weights
     # batches of training images (evaluation transform, data.batch_size each) that re-estimate every batch
     # norm's statistics after pruning: what each layer receives has changed; 0 keeps the old statistics
@@ -1043,8 +1045,11 @@ class PruneConfig:
     def __post_init__(self) -> None:
         check_fraction(self.amount, "prune.amount")
         if self.stages is not None:
-            if not self.stages:
-                raise ConfigError("prune.stages={} names no stage; null prunes every stage by prune.amount")
+            if not isinstance(self.stages, dict) or not self.stages:
+                raise ConfigError(
+                    f"prune.stages={self.stages!r} must name stages with their fractions, e.g. "
+                    "prune.stages={layer3: 0.5}; null prunes every stage by prune.amount"
+                )
             if is_set(self, "amount"):
                 raise ConfigError(
                     f"prune.amount={self.amount} and prune.stages: set one (the stages have their own amounts)"
