@@ -316,3 +316,23 @@ def test_calibration_needs_training_images():
         DataError, match=r"prune.bn_batches=16 reads training images, and the training split has none"
     ):
         calibration_batches(empty, 16, 0, "prune.bn_batches")
+
+
+def test_the_recovery_run_resumes_like_any_run(trained_run, tmp_path):
+    """finetune/ keeps its config where train.py keeps a run's: `resume=` continues it (the pruned widths
+    come from its last.ckpt), and optimize can prune the recovered checkpoint again."""
+    checkpoint = trained_run / "checkpoints" / "best.ckpt"
+    out = tmp_path / "pruned"
+    overrides = [
+        "method=prune",
+        "prune.amount=0.3",
+        "finetune.epochs=1",
+        "latency_runs=1",
+        f"hydra.run.dir={out}",
+    ]
+    assert run_tool("optimize", f"ckpt_path={checkpoint}", *overrides) == 0
+    recovery = out / "finetune"
+    assert run_tool("train", f"resume={recovery}", "trainer.max_epochs=2") == 0
+    assert json.loads((recovery / "metrics.json").read_text())["epochs_trained"] == 2
+    model = ImageClassifier.load_from_checkpoint(recovery / "checkpoints" / "last.ckpt", weights_only=True)
+    assert model.hparams["pruned"]

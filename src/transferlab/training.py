@@ -250,7 +250,12 @@ def prepare_model(config: TrainConfig, datamodule: TransferDataModule) -> ImageC
     start = read_checkpoint(config.init_from, key="init_from") if config.init_from else None
     if start is not None:
         check_init_from(start, config, datamodule.class_names)
-    pruned = start["hyper_parameters"].get("pruned") if start is not None else None
+    # the layer widths of a channel-pruned network: from where the weights come (init_from, or the
+    # checkpoint a run continues from: resume= of a run that started from a pruned one)
+    origin = start["hyper_parameters"] if start is not None else None
+    if origin is None and config.ckpt_path:
+        origin = stored_hyperparameters(config.ckpt_path)
+    pruned = (origin or {}).get("pruned")
     model = build_model(
         config, datamodule.class_names, datamodule.preprocessing, loss_spec(config, datamodule), pruned
     )

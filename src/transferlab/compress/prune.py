@@ -299,6 +299,9 @@ def recover(saved: DictConfig, pruned_file: Path, epochs: int, run_dir: Path) ->
     """The recovery fine-tune: a training run from the pruned network (`init_from`)."""
     with open_dict(saved):
         saved.init_from = str(pruned_file)
+    # its config where train.py keeps a run's: resume= continues it, and optimize can prune it again
+    (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(saved, run_dir / ".hydra" / "config.yaml")
     log.info("Fine-tuning the pruned network for %d epochs in %s", epochs, run_dir)
     metrics = train(saved)
     return {
