@@ -172,8 +172,11 @@ def _first_line(error: BaseException) -> str:
 def export_onnx(model: InferenceModel, example: torch.Tensor, path: Path, opset: int, backbone: str) -> None:
     """torch.onnx's dynamo exporter (torch.export, then ONNX; the TorchScript-based one is deprecated):
     input "images" with a dynamic batch dimension, output "logits", one file (weights inside) below 2 GiB."""
+    # below 18 the exporter converts down, warning at length (with a traceback) when it cannot: the
+    # opset check after the export says it in one line
+    level = logging.ERROR if opset < ONNX_FIRST_OPSET else logging.WARNING
     try:
-        with warnings.catch_warnings(), _quiet(EXPORTER_LOGGERS):
+        with warnings.catch_warnings(), _quiet(EXPORTER_LOGGERS, level):
             warnings.simplefilter("ignore", FutureWarning)
             program = torch.onnx.export(
                 model,
@@ -231,12 +234,12 @@ def export_torchscript(model: InferenceModel, example: torch.Tensor, path: Path,
 
 
 @contextlib.contextmanager
-def _quiet(names: Iterable[str]) -> Iterator[None]:
-    """These loggers at WARNING and above only, for the block (the ONNX exporter's passes log each step)."""
+def _quiet(names: Iterable[str], level: int = logging.WARNING) -> Iterator[None]:
+    """These loggers at `level` and above only, for the block (the ONNX exporter's passes log each step)."""
     loggers = [logging.getLogger(name) for name in names]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
-        logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
+        logger.setLevel(max(logger.getEffectiveLevel(), level))
     try:
         yield
     finally:
