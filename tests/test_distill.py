@@ -119,7 +119,8 @@ def test_a_teacher_that_is_not_a_checkpoint_names_the_key(tmp_path, capsys):
         f"hydra.run.dir={tmp_path / 'r'}",
     ]
     assert run_tool("train", *overrides) != 0
-    assert f"distill.teacher={junk} is not a PyTorch file" in "".join(capsys.readouterr())
+    assert f"distill.teacher={junk} is not a PyTorch file" in (err := "".join(capsys.readouterr()))
+    assert "give a checkpoint of ours" in err
     missing = [
         *FAST,
         "data=digits",
@@ -127,7 +128,10 @@ def test_a_teacher_that_is_not_a_checkpoint_names_the_key(tmp_path, capsys):
         f"hydra.run.dir={tmp_path / 'q'}",
     ]
     assert run_tool("train", *missing) != 0
-    assert "none.ckpt: no such file (give a best.ckpt of ours)" in "".join(capsys.readouterr())
+    assert "none.ckpt: no such file" in "".join(capsys.readouterr())
+    folder = [*missing[:-2], f"distill.teacher={tmp_path}", f"hydra.run.dir={tmp_path / 'f'}"]
+    assert run_tool("train", *folder) != 0
+    assert f"distill.teacher={tmp_path} is a directory, not a checkpoint file" in "".join(capsys.readouterr())
 
 
 def _distill_with_mixup(trained_run: Path, run_dir: Path, epochs: int) -> list[str]:

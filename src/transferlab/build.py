@@ -18,7 +18,12 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from transferlab.backbones import get_source, is_weights_file
 from transferlab.callbacks import ConfusionMatrixImage
-from transferlab.checkpoints import check_checkpoint_classes, read_checkpoint, stored_hyperparameters
+from transferlab.checkpoints import (
+    check_checkpoint_classes,
+    check_is_file,
+    read_checkpoint,
+    stored_hyperparameters,
+)
 from transferlab.config.parse import trainer_arg
 from transferlab.config.schema import (
     AugmentConfig,
@@ -43,14 +48,10 @@ log = logging.getLogger(__name__)
 def check_run_inputs(config: TrainConfig) -> None:
     """What must exist before a run starts: the backbone and its weights, the checkpoint to start from."""
     check_backbone(config.backbone, feature_map=pools_feature_map(config.head._target_))
-    if config.init_from is not None and not Path(config.init_from).expanduser().is_file():
-        raise ConfigError(f"init_from={config.init_from}: no such file (give a checkpoint of ours)")
+    if config.init_from is not None:
+        check_is_file(config.init_from, "init_from")
     if config.distill.teacher is not None:  # read whole later, once the data's classes are known
-        teacher = Path(config.distill.teacher).expanduser()
-        if not teacher.is_file():
-            raise ConfigError(
-                f"distill.teacher={config.distill.teacher}: no such file (give a best.ckpt of ours)"
-            )
+        check_is_file(config.distill.teacher, "distill.teacher")
     check_start_checkpoint(config.ckpt_path, config.resume, config.trainer)
 
 

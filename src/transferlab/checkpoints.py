@@ -32,7 +32,7 @@ def read_checkpoint(
     Messages name the file as `key=<file>` and the trust setting as `trust_key`. A pretraining run's
     checkpoint (pretrain.py) is refused unless `pretraining`: it holds no classifier."""
     file = Path(path).expanduser()
-    _check_is_file(file, key)
+    check_is_file(file, key)
     try:
         checkpoint = torch.load(file, map_location="cpu", weights_only=not trust)
     except OSError as err:
@@ -43,7 +43,9 @@ def read_checkpoint(
     return checkpoint
 
 
-def _check_is_file(file: Path, key: str) -> None:
+def check_is_file(file: str | Path, key: str) -> None:
+    """`key=file` names a checkpoint file that exists and is not empty; else what it is instead."""
+    file = Path(file).expanduser()
     if file.is_dir():
         found = sorted(p.name for p in (file / "checkpoints").glob("*.ckpt"))
         hint = f" (a run directory: give one of its checkpoints/, {', '.join(found)})" if found else ""
@@ -76,7 +78,10 @@ def _why_unreadable(file: Path, err: Exception, trust: bool, trust_key: str) -> 
             return truncated
         unsafe = [] if trust else _UNSAFE_GLOBAL.findall(str(err))
     else:
-        return f"is not a PyTorch file (not what torch.save writes; it starts with {head!r})"
+        return (
+            f"is not a PyTorch file (not what torch.save writes; it starts with {head!r}): give a checkpoint "
+            "of ours (.ckpt; an exported model.onnx or model.pt is not one)"
+        )
     if unsafe:
         return (
             f"holds {', '.join(unsafe)}, which loading safely (weights_only) does not unpickle. "
