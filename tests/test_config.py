@@ -247,3 +247,14 @@ def test_lightning_owns_the_trainer_defaults(tmp_path):
 
 def test_interpolation_names_are_read_as_torchvision_reads_them():
     assert parse_group("data", {"name": "digits", "interpolation": "BICUBIC"}).interpolation == "bicubic"
+
+
+def test_an_unknown_nested_key_is_named_with_its_path_and_its_sections_keys():
+    from transferlab.config.parse import build
+    from transferlab.config.schema import OptimizeConfig
+
+    values = {"ckpt_path": "x.ckpt", "method": "prune", "data": {}, "paths": {}, "prune": {"amout": 0.5}}
+    with pytest.raises(
+        ConfigError, match=r"prune.amout is not a key of prune \(optimize.yaml\); its keys are: amount, "
+    ):
+        build(OptimizeConfig, values, "", "optimize.yaml")

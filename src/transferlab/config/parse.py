@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
+import typing
 from collections.abc import Mapping
 from typing import Any
 
@@ -63,18 +64,31 @@ def build(schema: type, values: Mapping[str, Any], where: str, option: str) -> A
         node = OmegaConf.merge(OmegaConf.structured(schema), dict(values))
         return OmegaConf.to_object(node)
     except ConfigKeyError as err:
-        known = ", ".join(f.name for f in dataclasses.fields(schema))
+        path = str(err.full_key or err.key)
+        parent, owner = _node_schema(schema, path.split(".")[:-1], option)
+        known = ", ".join(f.name for f in dataclasses.fields(parent))
         hint = "A `+key=value` override adds keys that nothing reads: check the spelling."
         if where == "optim.":
             hint += f" Other arguments of the optimizer class go in optim.extra: +optim.extra.{err.key}=..."
-        raise ConfigError(
-            f"{where}{err.key} is not a key of {option}; its keys are: {known}. ({hint})"
-        ) from None
+        raise ConfigError(f"{where}{path} is not a key of {owner}; its keys are: {known}. ({hint})") from None
     except MissingMandatoryValue as err:
         raise ConfigError(f"{where}{err.full_key} must be set ({option} has no default for it)") from None
     except OmegaConfBaseException as err:
         first = str(err).splitlines()[0]
         raise ConfigError(f"{where}{err.full_key}: {first}") from None
+
+
+def _node_schema(schema: type, parents: list[str], option: str) -> tuple[type, str]:
+    """The dataclass of the node at `parents` inside `schema` (`prune` of optimize.yaml: PruneConfig),
+    and how messages name it; the nearest dataclass above when a level is not one."""
+    walked: list[str] = []
+    for name in parents:
+        kind = typing.get_type_hints(schema).get(name)
+        if not (isinstance(kind, type) and dataclasses.is_dataclass(kind)):
+            break
+        schema = kind
+        walked.append(name)
+    return schema, f"{'.'.join(walked)} ({option})" if walked else option
 
 
 def parse_group(group: str, values: Mapping[str, Any]) -> Any:
