@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import read_json, run_tool
 
@@ -97,6 +98,8 @@ def test_bad_input_is_refused_in_one_line_before_any_data_is_read(quantized, che
         (f"model_path={replaced}",): f"model_path={replaced} was not exported from {checkpoint.resolve()}",
         (f"model_path={model}", "data.image_size=64"): "data.image_size is not read by eval with model_path=",
     }
+    if not torch.cuda.is_available():  # eval's own key is named, not predict's device=
+        cases[(f"model_path={model}", "trainer.accelerator=gpu")] = "use trainer.accelerator=cpu or auto"
     for i, (overrides, message) in enumerate(cases.items()):
         out = tmp_path / f"bad{i}"
         assert evaluate(out, *overrides) == 2, overrides

@@ -206,7 +206,12 @@ def evaluate_exported(config: EvalConfig) -> dict[str, Any]:
 
     refuse_preprocessing_keys(f"eval with model_path={config.model_path}")
     accelerator = str((config.trainer or {}).get("accelerator", "auto"))
-    model = open_exported(config.model_path, device=ACCELERATOR_DEVICES.get(accelerator, "auto"))
+    device = ACCELERATOR_DEVICES.get(accelerator, "auto")
+    if device == "cuda" and not torch.cuda.is_available():  # named as eval's key, not predict's device=
+        raise ConfigError(
+            f"trainer.accelerator={accelerator}: no CUDA device is available here; use trainer.accelerator=cpu or auto"
+        )
+    model = open_exported(config.model_path, device=device)
     ckpt_path = source_checkpoint(model.card, config.model_path)
     checkpoint = read_checkpoint(ckpt_path, trust=config.trust_checkpoint)
     L.seed_everything(config.seed, workers=True)
