@@ -181,9 +181,10 @@ class _progress:
 
     def __enter__(self) -> Callable[[int], None]:
         if sys.stderr.isatty():
+            from rich.console import Console
             from rich.progress import Progress
 
-            self.bar = Progress(transient=True)
+            self.bar = Progress(transient=True, console=Console(stderr=True))  # stdout may be a file
             self.bar.start()
             task = self.bar.add_task("predict", total=self.total)
             return lambda n: self.bar.advance(task, n)
@@ -192,7 +193,7 @@ class _progress:
         def advance(n: int) -> None:
             before, self.done = self.done, self.done + n
             if self.done // step != before // step or self.done == self.total:
-                log.info("predicted %d / %d images", self.done, self.total)
+                log.info("read %d / %d files", self.done, self.total)  # failures are counted at the end
 
         return advance
 
@@ -248,7 +249,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     if failures:
         write_errors(output_dir / ERRORS_FILE, [(str(paths[i]), failures[i]) for i in sorted(failures)])
         raise DataError(
-            f"{len(failures)} of {len(paths)} files could not be read as images (reasons in "
+            f"{len(failures)} of {len(paths)} files could not be predicted (the reason of each in "
             f"{output_dir / ERRORS_FILE}); the other {len(rows)} are in {output_dir / PREDICTIONS_FILE}"
         )
     return summary
