@@ -33,12 +33,11 @@ from transferlab.evaluation import SplitScorer, calibration_batches, checkpoint_
 from transferlab.files import write_json
 from transferlab.inference.export import (
     EXAMPLE_BATCH,
-    FAILED_SUFFIX,
     MODEL_FILES,
     ONNX_FIRST_OPSET,
     PARITY_SPLIT,
+    checked_parity,
     export_onnx,
-    run_parity,
     versions,
 )
 from transferlab.inference.model import InferenceModel, ModelCard, inference_model
@@ -80,11 +79,11 @@ def quantize(config: OptimizeConfig) -> QuantizeResult:
 
     output_dir.mkdir(parents=True, exist_ok=True)
     fp32_file, int8_file = output_dir / FP32_NAME, output_dir / INT8_NAME
-    int8_file.unlink(missing_ok=True)  # from an earlier run into this directory
     export_fp32(model, card, fp32_file)
     card = quantized_card(card, config.quantize, calibration)
     card_file = card.write(output_dir)
-    parity = check_fp32(model, card, fp32_file, data.datamodule, config)
+    # export's parity check, with export's defaults: the fp32 file is what int8 is measured against
+    parity = checked_parity(model, card, fp32_file, data.datamodule, ExportConfig(ckpt_path=config.ckpt_path))
     log.info("Quantizing %s to int8 (%d calibration images)", fp32_file.name, sum(map(len, calibration)))
     quantize_file(fp32_file, int8_file, calibration, config.quantize, card)
 
@@ -130,22 +129,6 @@ def export_fp32(model: InferenceModel, card: ModelCard, path: Path) -> None:
     log.info("Exporting %s (backbone %s) as ONNX", card.source_checkpoint["path"], backbone)
     example = torch.zeros(EXAMPLE_BATCH, 3, card.prep.crop_size, card.prep.crop_size)
     export_onnx(model, example, path, ONNX_FIRST_OPSET, backbone)
-
-
-def check_fp32(
-    model: InferenceModel, card: ModelCard, path: Path, datamodule: Any, config: OptimizeConfig
-) -> dict[str, Any]:
-    """export's parity check, with export's defaults: the fp32 file is the reference int8 is measured by."""
-    checks = ExportConfig(ckpt_path=config.ckpt_path)
-    parity = run_parity(model, card, path, datamodule, checks)
-    if not parity["passed"]:
-        failed = path.with_name(path.name + FAILED_SUFFIX)
-        os.replace(path, failed)
-        raise ConfigError(
-            f"parity check failed: {path.name} of ckpt_path={config.ckpt_path} does not give the checkpoint's "
-            f"logits on its {PARITY_SPLIT} images ({parity['reason']}); renamed to {failed}"
-        )
-    return parity
 
 
 def quantized_card(card: ModelCard, options: QuantizeConfig, calibration: list[np.ndarray]) -> ModelCard:

@@ -87,8 +87,6 @@ def export(cfg: DictConfig) -> ExportResult:
 
     output_dir.mkdir(parents=True, exist_ok=True)
     model_file = output_dir / MODEL_FILES[config.format]
-    failed_file = model_file.with_name(model_file.name + FAILED_SUFFIX)
-    failed_file.unlink(missing_ok=True)  # from an earlier export into this directory
     example = torch.zeros(EXAMPLE_BATCH, 3, card.prep.crop_size, card.prep.crop_size)
     log.info("Exporting %s (backbone %s) as %s", config.ckpt_path, backbone, config.format)
     if config.format == "onnx":
@@ -105,20 +103,7 @@ def export(cfg: DictConfig) -> ExportResult:
     )
     card_file = card.write(output_dir)
     parity_file = output_dir / PARITY_NAME
-    try:
-        report = run_parity(model, card, model_file, data.datamodule, config)
-        report.update(split_source=data.source)
-        write_json(parity_file, report)
-    except BaseException:  # the check did not finish: the file is not known to be right
-        os.replace(model_file, failed_file)
-        raise
-    if not report["passed"]:
-        os.replace(model_file, failed_file)
-        raise ConfigError(
-            f"parity check failed: {model_file.name} of ckpt_path={config.ckpt_path} does not give the "
-            f"checkpoint's logits on its {PARITY_SPLIT} images ({report['reason']}); renamed to {failed_file} "
-            f"(report: {parity_file})"
-        )
+    report = checked_parity(model, card, model_file, data.datamodule, config, parity_file, data.source)
     log.info(
         "Parity on %d %s images (batch sizes %s): max |logit difference| %.3g <= parity_atol=%g, the same "
         "top-1 class on every image",
@@ -152,6 +137,36 @@ def _check_opset(config: ExportConfig) -> None:
         raise ConfigError(
             f"opset={config.opset}: the installed onnx {onnx.__version__} knows opsets up to {newest}"
         )
+
+
+def checked_parity(
+    model: InferenceModel,
+    card: ModelCard,
+    model_file: Path,
+    datamodule: Any,
+    checks: ExportConfig,
+    report_file: Path | None = None,
+    split_source: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The parity report of `model_file` (written to `report_file` when given). A file that fails the
+    check, or whose check does not finish, is renamed <file>.failed and the run stops: it is not known
+    to give the checkpoint's answers. export and optimize method=quantize (its fp32 reference) use it."""
+    failed_file = model_file.with_name(model_file.name + FAILED_SUFFIX)
+    try:
+        report = run_parity(model, card, model_file, datamodule, checks)
+        if report_file is not None:
+            write_json(report_file, {**report, "split_source": split_source})
+    except BaseException:  # the check did not finish: the file is not known to be right
+        os.replace(model_file, failed_file)
+        raise
+    if not report["passed"]:
+        os.replace(model_file, failed_file)
+        raise ConfigError(
+            f"parity check failed: {model_file.name} of ckpt_path={checks.ckpt_path} does not give the "
+            f"checkpoint's logits on its {PARITY_SPLIT} images ({report['reason']}); renamed to {failed_file}"
+            + (f" (report: {report_file})" if report_file is not None else "")
+        )
+    return report
 
 
 # --- the exporters ------------------------------------------------------------------------------------------
