@@ -1099,7 +1099,7 @@ class QuantizeConfig:
     format: str = "qdq"  # qdq (QuantizeLinear/DequantizeLinear pairs) | qoperator (QLinearConv, ...)
     per_channel: bool = True  # one weight scale per output channel (per tensor: false)
     reduce_range: bool = False  # 7-bit weights: for CPUs without VNNI, where 8 bits can saturate
-    # the first N Conv/Gemm layers (graph order) stay fp32: the stem is what int8 hurts most (measured:
+    # the first N Conv/Gemm/MatMul layers (graph order) stay fp32: the stem is what int8 hurts most (measured:
     # experiments/compression)
     fp32_first_layers: int = 0
 
@@ -1126,7 +1126,9 @@ class OptimizeConfig:
     finetune: RecoveryConfig = field(default_factory=RecoveryConfig)  # method=prune: the recovery fine-tune
     # timed runs per model and batch size, after warm-up (quantize: two blocks each, so rounded up to even)
     latency_runs: int = 20
-    threads: int = 0  # ONNX Runtime's intra-op threads for the timings; 0 = its default (one per core)
+    threads: int = (
+        0  # threads for the timings (quantize: ONNX Runtime's intra-op; prune: torch's); 0 = default
+    )
     seed: int = 42
     trust_checkpoint: bool = False
     data: Any = MISSING  # the checkpoint's data config, with any key given here on top

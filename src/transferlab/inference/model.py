@@ -130,7 +130,8 @@ def load_inference_model(ckpt_path: str | Path, trust: bool = False) -> tuple[In
 
 
 def inference_model(checkpoint: dict, ckpt_path: str | Path) -> tuple[InferenceModel, ModelCard]:
-    """`load_inference_model` of a checkpoint already read (`read_checkpoint`): the file is read once."""
+    """`load_inference_model` of a checkpoint already read (`read_checkpoint`): not loaded again (its card's
+    sha256 reads the file's bytes once more)."""
     from transferlab.models.classifier import ImageClassifier
 
     classifier = ImageClassifier.from_checkpoint(checkpoint)
