@@ -77,6 +77,17 @@ def test_a_folder_mixing_good_and_bad_files(tmp_path, checkpoint, test_images):
     assert all(reason.startswith("not a readable image (") for reason in reasons.values())
 
 
+def test_images_above_max_image_pixels_fail_without_being_decoded(tmp_path, checkpoint, test_images):
+    """The test images are 40 x 40 = 1600 pixels: with max_image_pixels=1000 every one is a failure row."""
+    inputs = f"inputs={test_images[0].parent}"
+    status, out = predict(tmp_path, f"ckpt_path={checkpoint}", inputs, "max_image_pixels=1000", name="small")
+    assert status == 2 and not read_csv(out / "predictions.csv")[1:]
+    reasons = [reason for _, reason in read_csv(out / "predict_errors.csv")[1:]]
+    assert len(reasons) == len(list(test_images[0].parent.glob("*.png"))) and "1000" in reasons[0]
+    status, out = predict(tmp_path, f"ckpt_path={checkpoint}", inputs, "max_image_pixels=1600", name="fits")
+    assert status == 0
+
+
 def test_probabilities_equal_the_checkpoints_test_time_outputs(tmp_path, checkpoint, test_images):
     status, out = predict(
         tmp_path,

@@ -989,12 +989,14 @@ class PredictConfig:
     write_json: bool = False  # also predictions.json
     device: str = "auto"  # auto (cuda when there is one) | cpu | cuda; for checkpoints and TorchScript
     trust_checkpoint: bool = False  # true loads the checkpoint with full unpickling (files you trust only)
+    max_image_pixels: int = PIL_MAX_PIXELS  # larger images fail (reason in predict_errors.csv), never decoded
     paths: PathsConfig = field(default_factory=PathsConfig)
 
     def __post_init__(self) -> None:
         if (self.ckpt_path is None) == (self.model_path is None):
             raise ConfigError("give one of ckpt_path=<checkpoint> or model_path=<exported model file>")
         check_int(self.top_k, "top_k", 1)
+        check_int(self.max_image_pixels, "max_image_pixels", 1)
         check_int(self.batch_size, "batch_size", 1)
         check_choice(self.tta, "tta", TTA_MODES)
         check_choice(self.device, "device", DEVICES)

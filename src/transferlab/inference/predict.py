@@ -106,25 +106,41 @@ def tta_views(prep: Preprocessing, tta: str) -> Callable[[Image.Image], torch.Te
     return lambda image: torch.stack([finish(crop) for crop in crops(resize(image))])
 
 
-def read_image(path: Path) -> Image.Image:
-    """As training reads: EXIF orientation, any mode to 8-bit RGB (`images.to_rgb`)."""
+class TooLarge(ValueError):
+    """An image over `max_image_pixels`: refused from its header, never decoded."""
+
+
+def read_image(path: Path, max_pixels: int = PIL_MAX_PIXELS) -> Image.Image:
+    """As training reads: EXIF orientation, any mode to 8-bit RGB (`images.to_rgb`); an image over
+    `max_pixels` is refused before it is decoded, as training's scan refuses it."""
     with Image.open(path) as image:
+        width, height = image.size
+        if width * height > max_pixels:
+            raise TooLarge(
+                f"too large ({width}x{height} = {width * height} pixels > max_image_pixels={max_pixels}); "
+                "raise max_image_pixels if you trust the file"
+            )
         return to_rgb(image)
 
 
 class PredictImages(Dataset):
     """(index, views or None, why it failed): a bad file does not stop the loader."""
 
-    def __init__(self, paths: list[Path], views: Callable[[Image.Image], torch.Tensor]) -> None:
-        self.paths, self.views = paths, views
+    def __init__(
+        self,
+        paths: list[Path],
+        views: Callable[[Image.Image], torch.Tensor],
+        max_pixels: int = PIL_MAX_PIXELS,
+    ) -> None:
+        self.paths, self.views, self.max_pixels = paths, views, max_pixels
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
-        set_pixel_limit(PIL_MAX_PIXELS)  # in each loader process
+        set_pixel_limit(self.max_pixels)  # in each loader process
         try:
-            return index, self.views(read_image(self.paths[index])), None
+            return index, self.views(read_image(self.paths[index], self.max_pixels)), None
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
             return index, None, _reason(err)
 
@@ -136,6 +152,8 @@ def _reason(err: BaseException) -> str:
         return "permission denied"
     if isinstance(err, IsADirectoryError):
         return "a directory, not a file"
+    if isinstance(err, TooLarge):
+        return str(err)
     detail = str(err).strip().splitlines()
     return f"not a readable image ({type(err).__name__}{': ' + detail[0] if detail else ''})"
 
@@ -225,7 +243,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     check_tta(card, config.tta, config.ckpt_path or config.model_path)
     top_k = min(config.top_k, len(card.class_names))
     loader = DataLoader(
-        PredictImages(paths, tta_views(card.prep, config.tta)),
+        PredictImages(paths, tta_views(card.prep, config.tta), config.max_image_pixels),
         batch_size=config.batch_size,
         num_workers=resolve_num_workers(config.num_workers),
         collate_fn=_collate,
