@@ -95,7 +95,8 @@ def resume_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     with open_dict(saved):
         saved.resume = str(run_dir)
         saved.ckpt_path = str(ckpt)
-        saved.init_from = None  # where a run started from (a pruned network): its last.ckpt holds it now
+        if "init_from" in saved:  # train's key (not pretrain's): where the run started from, e.g. a
+            saved.init_from = None  # pruned network; its last.ckpt holds that network now
         saved.paths.output_dir = str(run_dir)
         if any(_override_key(o) == "trainer.max_epochs" for o in overrides):
             saved.trainer.max_epochs = cfg.trainer.max_epochs
