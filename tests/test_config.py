@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from tests.conftest import CONF_DIR, compose_config, validate
 from transferlab.config import parse_group, parse_pretrain_config
+from transferlab.config import schema as s
 from transferlab.config.schema import (
     AUTOAUGMENT_POLICIES,
     INTERPOLATIONS,
@@ -258,3 +259,27 @@ def test_an_unknown_nested_key_is_named_with_its_path_and_its_sections_keys():
         ConfigError, match=r"prune.amout is not a key of prune \(optimize.yaml\); its keys are: amount, "
     ):
         build(OptimizeConfig, values, "", "optimize.yaml")
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (
+            lambda: s.ExportConfig(ckpt_path="b.ckpt", format="torchscript", opset=17),
+            "opset is read only with format=onnx",
+        ),
+        (lambda: s.RecoveryConfig(epochs=0, lr=0.1), "finetune.lr is read only with finetune.epochs > 0"),
+        (
+            lambda: s.PredictConfig(model_path="m.onnx", inputs="d", device="cpu"),
+            "device is read only with ckpt_path",
+        ),
+        (
+            lambda: s.PredictConfig(model_path="m.onnx", inputs="d", trust_checkpoint=True),
+            "trust_checkpoint is read only with ckpt_path",
+        ),
+    ],
+)
+def test_keys_that_nothing_would_read_are_refused(make, message):
+    with pytest.raises(ConfigError, match=message):
+        make()
+    s.PredictConfig(model_path="m.pt", inputs="d", device="cpu")  # TorchScript runs on `device`

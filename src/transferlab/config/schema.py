@@ -997,6 +997,12 @@ class PredictConfig:
             raise ConfigError("give one of ckpt_path=<checkpoint> or model_path=<exported model file>")
         check_int(self.top_k, "top_k", 1)
         check_int(self.max_image_pixels, "max_image_pixels", 1)
+        if self.model_path is not None and str(self.model_path).endswith(".onnx"):
+            for key in ("device", "trust_checkpoint"):  # ONNX Runtime runs on the CPU; no checkpoint is read
+                if is_set(self, key):
+                    raise ConfigError(
+                        f"{key} is read only with ckpt_path or a TorchScript model_path (model_path is ONNX)"
+                    )
         check_int(self.batch_size, "batch_size", 1)
         check_choice(self.tta, "tta", TTA_MODES)
         check_choice(self.device, "device", DEVICES)
@@ -1021,6 +1027,8 @@ class ExportConfig:
     def __post_init__(self) -> None:
         check_choice(self.format, "format", EXPORT_FORMATS)
         check_int(self.opset, "opset", 7)
+        if self.format != "onnx" and is_set(self, "opset"):
+            raise ConfigError(f"opset is read only with format=onnx (format={self.format})")
         check_int(self.parity_images, "parity_images", 1, optional=True)
         check_range(self.parity_atol, "parity_atol", 0.0, float("inf"), ">= 0")
         check_seed(self.seed, "seed")
@@ -1072,6 +1080,10 @@ class RecoveryConfig:
 
     def __post_init__(self) -> None:
         check_int(self.epochs, "finetune.epochs", 0)
+        if self.epochs == 0 and self.lr is not None:
+            raise ConfigError(
+                "finetune.lr is read only with finetune.epochs > 0 (0: prune only, no fine-tune)"
+            )
         if self.lr is not None and (
             isinstance(self.lr, bool) or not isinstance(self.lr, int | float) or self.lr <= 0
         ):
