@@ -205,3 +205,13 @@ def test_one_model_source_exactly():
         PredictConfig(inputs="x", ckpt_path="a", model_path="b")
     with pytest.raises(ConfigError, match="tta="):
         PredictConfig(inputs="x", ckpt_path="a", tta="ten_crop")
+
+
+def test_a_misspelt_key_is_named_before_the_key_it_was_meant_for(tmp_path, capsys, checkpoint):
+    assert (
+        run_tool("predict", f"ckpt_path={checkpoint}", "+input=photos", f"hydra.run.dir={tmp_path / 'a'}")
+        == 2
+    )
+    assert "input is not a key of predict.yaml; its keys are: " in "".join(capsys.readouterr())
+    assert run_tool("predict", f"ckpt_path={checkpoint}", f"hydra.run.dir={tmp_path / 'b'}") == 2
+    assert "inputs must be set, e.g. inputs=..." in "".join(capsys.readouterr())

@@ -72,7 +72,8 @@ def build(schema: type, values: Mapping[str, Any], where: str, option: str) -> A
             hint += f" Other arguments of the optimizer class go in optim.extra: +optim.extra.{err.key}=..."
         raise ConfigError(f"{where}{path} is not a key of {owner}; its keys are: {known}. ({hint})") from None
     except MissingMandatoryValue as err:
-        raise ConfigError(f"{where}{err.full_key} must be set ({option} has no default for it)") from None
+        key = f"{where}{err.full_key}"
+        raise ConfigError(f"{key} must be set, e.g. {key}=... ({option} has no default for it)") from None
     except OmegaConfBaseException as err:
         first = str(err).splitlines()[0]
         raise ConfigError(f"{where}{err.full_key}: {first}") from None
@@ -102,9 +103,11 @@ def parse_group(group: str, values: Mapping[str, Any]) -> Any:
     return build(schema, values, f"{group}.", _option_name(group, schema))
 
 
-def _plain_config(cfg: DictConfig) -> dict[str, Any]:
+def _plain_config(cfg: DictConfig, throw_on_missing: bool = True) -> dict[str, Any]:
+    """`throw_on_missing=False`: a key that must be set is left to `build`, which first refuses a key
+    that is not one (`+input=...` for `inputs` is then named as the typo it is)."""
     try:
-        plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=throw_on_missing)
     except MissingMandatoryValue as err:
         raise ConfigError(f"{err.full_key} must be set, e.g. {err.full_key}=...") from None
     plain.pop("hydra", None)
@@ -253,7 +256,7 @@ def _check_callback_monitors(callbacks: Mapping[str, Any] | None) -> None:
 
 def parse_eval_config(cfg: DictConfig) -> s.EvalConfig:
     """eval.yaml's config; `data` stays a mapping of the keys that were set (see `eval_data_config`)."""
-    plain = _plain_config(cfg)
+    plain = _plain_config(cfg, throw_on_missing=False)
     config = build(s.EvalConfig, plain, "", "eval.yaml")
     check_trainer(config.trainer)
     return config
@@ -262,7 +265,7 @@ def parse_eval_config(cfg: DictConfig) -> s.EvalConfig:
 def parse_tool_config(cfg: DictConfig, schema: type, config_name: str) -> Any:
     """A tool's config (predict.yaml, export.yaml, analyze.yaml) as its schema; a `data` node stays the
     mapping of the keys that were set, as eval's (see `evaluation.eval_data_config`)."""
-    return build(schema, _plain_config(cfg), "", config_name)
+    return build(schema, _plain_config(cfg, throw_on_missing=False), "", config_name)
 
 
 def _trainer_parameters() -> Mapping[str, inspect.Parameter]:
