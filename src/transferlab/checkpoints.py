@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from transferlab.errors import ConfigError, DataError
+from transferlab.errors import ConfigError, DataError, first_line
 from transferlab.models.classifier import VAL_METRICS_KEY
 
 _ZIP_MAGIC = b"PK"  # torch.save's format since torch 1.6 (Lightning's checkpoints)
@@ -88,8 +88,8 @@ def _why_unreadable(file: Path, err: Exception, trust: bool, trust_key: str) -> 
             f"If you trust this file, add {trust_key}=true to load it with full unpickling."
         )
     if trust:  # e.g. a class that is not importable here
-        return f"cannot be loaded, even with full unpickling ({type(err).__name__}: {_first_line(err)})"
-    return f"is damaged: it cannot be read ({type(err).__name__}: {_first_line(err)})"
+        return f"cannot be loaded, even with full unpickling ({type(err).__name__}: {first_line(err)})"
+    return f"is damaged: it cannot be read ({type(err).__name__}: {first_line(err)})"
 
 
 _UNSAFE_GLOBAL = re.compile(r"GLOBAL (\S+) was not an allowed global")  # torch.load's message
@@ -127,11 +127,6 @@ def _check_is_ours(file: Path, checkpoint: Any, key: str, pretraining: bool = Fa
             f"{key}={file} is a Lightning checkpoint of another model, not of transferlab "
             "(no class names in its hyper_parameters)"
         )
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else "no message"
 
 
 def check_checkpoint_classes(

@@ -48,6 +48,11 @@ ENVIRONMENT_ERRNOS = {
 }
 
 
+def first_line(error: BaseException) -> str:
+    """An exception's first non-empty line: what one-line messages quote of a library's error."""
+    return next((line.strip() for line in str(error).splitlines() if line.strip()), "no message")
+
+
 def environment_cause(error: BaseException | None) -> OSError | None:
     """The OSError of the environment (ENVIRONMENT_ERRNOS) that `error` is or that led to it. The chain
     is searched because libraries re-raise it as their own error: torch.save reports a write that

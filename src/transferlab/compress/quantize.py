@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from transferlab.checkpoints import read_checkpoint
 from transferlab.compress.timing import LATENCY_BATCHES, WARMUP_RUNS, Runner, medians_in_blocks
 from transferlab.config.schema import ExportConfig, OptimizeConfig, QuantizeConfig
-from transferlab.errors import ConfigError, DataError
+from transferlab.errors import ConfigError, DataError, first_line
 from transferlab.evaluation import SplitScorer, calibration_batches, checkpoint_data, default_split
 from transferlab.files import write_json
 from transferlab.inference.export import (
@@ -125,7 +125,7 @@ def check_splits(datamodule: Any, split: str, config: OptimizeConfig) -> None:
 
 def export_fp32(model: InferenceModel, card: ModelCard, path: Path) -> None:
     """export's ONNX exporter and opset: a backbone that does not export fails with export's one line."""
-    backbone = f"{card.backbone.get('source')}:{card.backbone.get('name')}"
+    backbone = card.backbone_label
     log.info("Exporting %s (backbone %s) as ONNX", card.source_checkpoint["path"], backbone)
     example = torch.zeros(EXAMPLE_BATCH, 3, card.prep.crop_size, card.prep.crop_size)
     export_onnx(model, example, path, ONNX_FIRST_OPSET, backbone)
@@ -207,10 +207,9 @@ def quantize_file(
             )
         except Exception as error:  # ONNX Runtime's tools raise many types
             int8_file.unlink(missing_ok=True)
-            backbone = f"{card.backbone.get('source')}:{card.backbone.get('name')}"
-            first = next((line for line in str(error).splitlines() if line.strip()), "no message")
             raise ConfigError(
-                f"backbone {backbone} cannot be quantized by ONNX Runtime ({type(error).__name__}: {first})"
+                f"backbone {card.backbone_label} cannot be quantized by ONNX Runtime "
+                f"({type(error).__name__}: {first_line(error)})"
             ) from error
 
 

@@ -29,7 +29,7 @@ from omegaconf import DictConfig
 from transferlab.checkpoints import read_checkpoint
 from transferlab.config.parse import parse_tool_config
 from transferlab.config.schema import ExportConfig
-from transferlab.errors import ConfigError, DataError
+from transferlab.errors import ConfigError, DataError, first_line
 from transferlab.evaluation import PREPROCESSING_KEYS, checkpoint_data, typed_data_keys
 from transferlab.files import atomic_write, write_json
 from transferlab.inference.model import (
@@ -83,7 +83,7 @@ def export(cfg: DictConfig) -> ExportResult:
     model, card = inference_model(checkpoint, config.ckpt_path)
     del checkpoint
     model = model.float().eval()
-    backbone = f"{card.backbone.get('source')}:{card.backbone.get('name')}"
+    backbone = card.backbone_label
 
     output_dir.mkdir(parents=True, exist_ok=True)
     model_file = output_dir / MODEL_FILES[config.format]
@@ -174,14 +174,10 @@ def checked_parity(
 
 def _export_failure(backbone: str, form: str, error: BaseException) -> ConfigError:
     """The exporter's failure in one line: its first line, and its cause's (the exporter wraps it)."""
-    lines = [f"{type(error).__name__}: {_first_line(error)}"]
+    lines = [f"{type(error).__name__}: {first_line(error)}"]
     if error.__cause__ is not None:
-        lines.append(f"{type(error.__cause__).__name__}: {_first_line(error.__cause__)}")
+        lines.append(f"{type(error.__cause__).__name__}: {first_line(error.__cause__)}")
     return ConfigError(f"backbone {backbone} cannot be exported to format={form} ({'; '.join(lines)})")
-
-
-def _first_line(error: BaseException) -> str:
-    return next((line.strip() for line in str(error).splitlines() if line.strip()), "no message")
 
 
 def export_onnx(model: InferenceModel, example: torch.Tensor, path: Path, opset: int, backbone: str) -> None:
@@ -241,7 +237,7 @@ def export_torchscript(model: InferenceModel, example: torch.Tensor, path: Path,
         log.info(
             "Tracing warned %d time(s), e.g. %s (the parity check tests the traced model)",
             len(tracer),
-            _first_line(Warning(str(tracer[0].message))),
+            first_line(Warning(str(tracer[0].message))),
         )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", DEPRECATED_JIT, FutureWarning)
@@ -342,7 +338,7 @@ def check_parity(
             got = exported(x.contiguous()).float()
         except Exception as error:  # ONNX Runtime raises its own types
             raise _Mismatch(
-                f"it failed on a batch of {len(x)}: {type(error).__name__}: {_first_line(error)}"
+                f"it failed on a batch of {len(x)}: {type(error).__name__}: {first_line(error)}"
             ) from error
         if tuple(got.shape) != tuple(expected.shape):
             raise _Mismatch(

@@ -63,6 +63,11 @@ class ModelCard:
     card_version: int = CARD_VERSION
 
     @property
+    def backbone_label(self) -> str:
+        """`source:name`, as messages name the model's backbone."""
+        return f"{self.backbone.get('source')}:{self.backbone.get('name')}"
+
+    @property
     def prep(self) -> Preprocessing:
         return Preprocessing.from_dict(self.preprocessing)
 
