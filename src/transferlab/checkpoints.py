@@ -142,6 +142,11 @@ def check_checkpoint_classes(
         )
 
 
+def checkpoint_run_dir(ckpt_path: str | Path) -> Path:
+    """The run a checkpoint belongs to, where train.py saves it: <run>/checkpoints/x.ckpt -> <run>."""
+    return Path(ckpt_path).expanduser().resolve().parent.parent
+
+
 def last_checkpoint(run_dir: str | Path) -> Path:
     """Where a run keeps the end of its last epoch: what resume= and SLURM requeues continue from."""
     return Path(run_dir) / "checkpoints" / "last.ckpt"

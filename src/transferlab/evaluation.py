@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Subset
 from torchmetrics import MeanMetric
 
 from transferlab.build import build_trainer, instantiate_group
-from transferlab.checkpoints import check_checkpoint_classes, read_checkpoint
+from transferlab.checkpoints import check_checkpoint_classes, checkpoint_run_dir, read_checkpoint
 from transferlab.config import parse_eval_config, parse_group
 from transferlab.config.schema import SPLITS, DataConfig, EvalConfig
 from transferlab.data.datamodule import TransferDataModule
@@ -356,7 +356,7 @@ def stored_fingerprints(checkpoint: dict[str, Any]) -> dict[str, str]:
 
 def run_splits_dir(ckpt_path: str | Path) -> Path:
     """Where the checkpoint's run keeps its split lists: <run>/checkpoints/x.ckpt -> <run>/splits."""
-    return Path(ckpt_path).expanduser().resolve().parent.parent / "splits"
+    return checkpoint_run_dir(ckpt_path) / "splits"
 
 
 def _same_folder(a: str | None, b: str | None) -> bool:

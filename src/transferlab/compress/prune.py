@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-from transferlab.checkpoints import read_checkpoint
+from transferlab.checkpoints import checkpoint_run_dir, read_checkpoint
 from transferlab.compress.timing import LATENCY_BATCHES, timed_ms
 from transferlab.config import parse_train_config
 from transferlab.config.schema import OptimizeConfig, PruneConfig
@@ -256,7 +256,7 @@ def recovery_config(config: OptimizeConfig, checkpoint: dict[str, Any], output_d
     """The checkpoint's run config (<run>/.hydra/config.yaml), set to fine-tune the pruned network: every
     stage training, `finetune.epochs` epochs, one process, in output_dir/finetune; checked as train
     checks a config. Read first: a missing or invalid one stops the job before any work."""
-    run_dir = Path(config.ckpt_path).expanduser().resolve().parent.parent
+    run_dir = checkpoint_run_dir(config.ckpt_path)
     saved_file = run_dir / ".hydra" / "config.yaml"
     if not saved_file.is_file():
         raise ConfigError(
