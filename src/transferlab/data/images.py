@@ -110,8 +110,8 @@ def check_image(path: Path, full: bool = False, max_pixels: int = PIL_MAX_PIXELS
         with Image.open(path) as image:
             width, height = image.size
             mode = image.mode
-            if width * height > max_pixels:
-                return ImageCheck(path, width, height, mode, _too_large(width, height, max_pixels))
+            if problem := too_large(width, height, max_pixels):
+                return ImageCheck(path, width, height, mode, problem)
             decode = full or (bool(image.tile) and all(tile[0] == "raw" for tile in image.tile))
             decode = decode or (image.format == "JPEG" and not _jpeg_ends_cleanly(image))
             image.verify()
@@ -131,8 +131,12 @@ def check_image(path: Path, full: bool = False, max_pixels: int = PIL_MAX_PIXELS
     return ImageCheck(path, width, height, mode)
 
 
-def _too_large(width: int, height: int, max_pixels: int) -> str:
+def too_large(width: int, height: int, max_pixels: int, key: str = "data.max_image_pixels") -> str | None:
+    """Why an image of this size is refused from its header (None: it is not): over `max_pixels`, the
+    value of setting `key`. PIL itself refuses only above twice its limit."""
+    if width * height <= max_pixels:
+        return None
     return (
-        f"too large ({width}x{height} = {width * height} pixels > data.max_image_pixels={max_pixels}); "
-        "raise data.max_image_pixels if you trust the file"
+        f"too large ({width}x{height} = {width * height} pixels > {key}={max_pixels}); "
+        f"raise {key} if you trust the file"
     )

@@ -26,7 +26,7 @@ from torchvision.transforms import v2
 from transferlab.config.parse import parse_tool_config
 from transferlab.config.schema import PIL_MAX_PIXELS, PredictConfig
 from transferlab.data.datamodule import resolve_num_workers
-from transferlab.data.images import is_image_name, set_pixel_limit, to_rgb
+from transferlab.data.images import is_image_name, set_pixel_limit, to_rgb, too_large
 from transferlab.data.transforms import Preprocessing, eval_transform, interpolation_mode, normalize
 from transferlab.errors import ConfigError, DataError
 from transferlab.files import atomic_write, write_json
@@ -114,12 +114,8 @@ def read_image(path: Path, max_pixels: int = PIL_MAX_PIXELS) -> Image.Image:
     """As training reads: EXIF orientation, any mode to 8-bit RGB (`images.to_rgb`); an image over
     `max_pixels` is refused before it is decoded, as training's scan refuses it."""
     with Image.open(path) as image:
-        width, height = image.size
-        if width * height > max_pixels:
-            raise TooLarge(
-                f"too large ({width}x{height} = {width * height} pixels > max_image_pixels={max_pixels}); "
-                "raise max_image_pixels if you trust the file"
-            )
+        if problem := too_large(*image.size, max_pixels, key="max_image_pixels"):
+            raise TooLarge(problem)
         return to_rgb(image)
 
 
