@@ -50,7 +50,7 @@ from transferlab.data.transforms import Preprocessing
 from transferlab.errors import ConfigError, DataError
 from transferlab.files import write_json
 from transferlab.inference.model import CARD_NAME, ModelCard, file_sha256
-from transferlab.inference.predictors import open_exported
+from transferlab.inference.predictors import open_exported, resolve_device
 from transferlab.models.classifier import ImageClassifier
 from transferlab.models.losses import loss_from_hyperparameters
 from transferlab.models.metrics import classification_metrics, per_class_metrics
@@ -206,12 +206,11 @@ def evaluate_exported(config: EvalConfig) -> dict[str, Any]:
 
     refuse_preprocessing_keys(f"eval with model_path={config.model_path}")
     accelerator = str((config.trainer or {}).get("accelerator", "auto"))
-    device = ACCELERATOR_DEVICES.get(accelerator, "auto")
-    if device == "cuda" and not torch.cuda.is_available():  # named as eval's key, not predict's device=
-        raise ConfigError(
-            f"trainer.accelerator={accelerator}: no CUDA device is available here; use trainer.accelerator=cpu or auto"
-        )
-    model = open_exported(config.model_path, device=device)
+    # checked here, named as eval's own key (open_exported's check would name predict's device=)
+    device = resolve_device(
+        ACCELERATOR_DEVICES.get(accelerator, "auto"), f"trainer.accelerator={accelerator}"
+    )
+    model = open_exported(config.model_path, device=device.type)
     ckpt_path = source_checkpoint(model.card, config.model_path)
     checkpoint = read_checkpoint(ckpt_path, trust=config.trust_checkpoint)
     L.seed_everything(config.seed, workers=True)

@@ -24,11 +24,15 @@ class Predictor(Protocol):
         ...
 
 
-def resolve_device(device: str) -> torch.device:
+def resolve_device(device: str, setting: str | None = None) -> torch.device:
+    """`device` (auto | cpu | cuda) as a torch device; `setting`: how the user chose it, `key=value`, for
+    the message when CUDA is missing (default `device=<device>`, predict's and analyze's key)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device=cuda: no CUDA device is available here; use device=cpu or device=auto")
+        setting = setting or f"device={device}"
+        key = setting.split("=")[0]
+        raise ConfigError(f"{setting}: no CUDA device is available here; use {key}=cpu or auto")
     return torch.device(device)
 
 
