@@ -1140,9 +1140,8 @@ class OptimizeConfig:
     finetune: RecoveryConfig = field(default_factory=RecoveryConfig)  # method=prune: the recovery fine-tune
     # timed runs per model and batch size, after warm-up (quantize: two blocks each, so rounded up to even)
     latency_runs: int = 20
-    threads: int = (
-        0  # threads for the timings (quantize: ONNX Runtime's intra-op; prune: torch's); 0 = default
-    )
+    # threads for the timings (quantize: ONNX Runtime's intra-op; prune: torch's); 0 = each one's default
+    threads: int = 0
     seed: int = 42
     trust_checkpoint: bool = False
     data: Any = MISSING  # the checkpoint's data config, with any key given here on top
