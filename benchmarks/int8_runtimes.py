@@ -1,4 +1,4 @@
-"""int8 against fp32 on the CPU under three runtimes and four routes, for one `optimize method=quantize` output
+"""int8 against fp32 on the CPU under four runtimes and five routes, for one `optimize method=quantize` output
 (experiments/compression/README.md, "Other int8 routes"):
 
     python benchmarks/int8_runtimes.py outputs/compression/<run> --out experiments/compression/int8_runtimes.json
@@ -9,7 +9,10 @@
   (calibrated on random inputs: latency only), against the same fp32 file;
 - PyTorch's own route (`pip install torchao`): the source checkpoint's model through PT2E with torchao's
   X86InductorQuantizer (calibrated on random inputs: latency only, no accuracy), against the same model
-  in fp32, both compiled by inductor with freezing.
+  in fp32, both compiled by inductor with freezing;
+- ExecuTorch with XNNPACK (`pip install executorch`): the same model through PT2E with XNNPACK's
+  quantizer (per-channel symmetric int8, calibrated on random inputs: latency only), against the same
+  model in fp32, both wholly delegated to XNNPACK, one program per batch size.
 
 Each model is timed with nothing else of its runtime alive (idle threads that spin can take a core from
 the next), in blocks fp32, int8, int8, fp32 with warm-up runs first; the median of `--runs` per model,
@@ -34,6 +37,7 @@ from transferlab.compress.timing import LATENCY_BATCHES, Runner, medians_in_bloc
 from transferlab.inference.model import ModelCard, load_inference_model
 
 MODELS = ("fp32", "int8")
+ROUTES = ("onnxruntime", "openvino", "openvino_nncf", "pt2e_inductor", "executorch_xnnpack")
 
 
 def with_speedup(medians: dict[str, dict[int, float]]) -> dict[str, Any]:
@@ -125,6 +129,56 @@ def pt2e_route(card: ModelCard, images: np.ndarray, runs: int) -> dict[str, Any]
     return {"version": torchao.__version__, "torch": torch.__version__, **with_speedup(medians)}
 
 
+def executorch_route(card: ModelCard, images: np.ndarray, threads: int, runs: int) -> dict[str, Any]:
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
+    from executorch.exir import to_edge_transform_and_lower
+    from executorch.extension.pybindings import portable_lib
+    from executorch.runtime import Runtime
+    from executorch.version import __version__ as executorch_version
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    model, _ = load_inference_model(card.source_checkpoint["path"])
+    model = model.float().eval()
+    shape = images.shape[1:]
+    batch_dim = {"images": {0: torch.export.Dim("batch", min=1, max=256)}}
+    exported = torch.export.export(model, (torch.randn(8, *shape),), dynamic_shapes=batch_dim)
+    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+    prepared = prepare_pt2e(exported.module(), quantizer)
+    with torch.no_grad():
+        for _ in range(4):
+            prepared(torch.randn(8, *shape))
+    sources = {"fp32": model, "int8": convert_pt2e(prepared)}
+    programs = {  # .pte bytes per model and batch size: ExecuTorch runs static shapes
+        (name, batch): to_edge_transform_and_lower(
+            torch.export.export(source, (torch.randn(batch, *shape),)), partitioner=[XnnpackPartitioner()]
+        )
+        .to_executorch()
+        .buffer
+        for name, source in sources.items()
+        for batch in LATENCY_BATCHES
+    }
+    if threads:
+        portable_lib._unsafe_reset_threadpool(threads)
+    runtime = Runtime.get()
+
+    def open_runner(name: str) -> Runner:
+        methods = {
+            b: runtime.load_program(programs[(name, b)]).load_method("forward") for b in LATENCY_BATCHES
+        }
+        return lambda batch: methods[len(batch)].execute([torch.from_numpy(batch)])
+
+    medians = medians_in_blocks(open_runner, MODELS, images, runs)
+    return {
+        "version": executorch_version,
+        "threads_used": portable_lib._threadpool_get_thread_count(),
+        **with_speedup(medians),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -132,6 +186,7 @@ def main() -> None:
     parser.add_argument("run_dir", type=Path, help="an `optimize method=quantize` run directory")
     parser.add_argument("--threads", type=int, default=0, help="threads per runtime; 0 = each one's default")
     parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--routes", nargs="+", choices=ROUTES, default=list(ROUTES), help="the routes to run")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     files = {"fp32": args.run_dir / "model.onnx", "int8": args.run_dir / "model.int8.onnx"}
@@ -150,6 +205,7 @@ def main() -> None:
         "openvino": lambda: openvino_route(files, images, args.threads, args.runs),
         "openvino_nncf": lambda: openvino_nncf_route(files, images, args.threads, args.runs),
         "pt2e_inductor": lambda: pt2e_route(card, images, args.runs),
+        "executorch_xnnpack": lambda: executorch_route(card, images, args.threads, args.runs),
     }
     report: dict[str, Any] = {
         "run_dir": str(args.run_dir),
@@ -158,7 +214,8 @@ def main() -> None:
         "cpu_count": os.cpu_count(),
         "runs": args.runs,
     }
-    for name, measure in routes.items():
+    for name in args.routes:
+        measure = routes[name]
         try:
             report[name] = measure()
         except ImportError as error:
