@@ -116,3 +116,22 @@ def test_the_first_layers_kept_in_fp32_are_the_stems_convolutions(quantized):
     nodes = {node.name: node for node in onnx.load(str(quantized / "model.onnx")).graph.node}
     assert len(names) == 2 and all(nodes[name].op_type == "Conv" for name in names)
     assert first_layers(quantized / "model.onnx", 0) == []
+
+
+def test_histogram_calibration_prints_nothing_to_stdout(quantized, tmp_path, capsys):
+    """ONNX Runtime's percentile and entropy calibrators print their bin counts; the tool's own output is
+    its log, so they go to the debug log instead."""
+    import numpy as np
+
+    from transferlab.compress.quantize import quantize_file
+    from transferlab.config.schema import QuantizeConfig
+    from transferlab.inference.model import ModelCard
+
+    fp32_file = quantized / "model.onnx"
+    card = ModelCard.read(fp32_file)
+    size = card.prep.crop_size
+    batches = [np.random.default_rng(i).random((4, 3, size, size), dtype=np.float32) for i in range(2)]
+    int8_file = tmp_path / "model.int8.onnx"
+    quantize_file(fp32_file, int8_file, batches, QuantizeConfig(calibration_method="percentile"), card)
+    assert capsys.readouterr().out == ""
+    assert "QuantizeLinear" in {node.op_type for node in onnx.load(str(int8_file)).graph.node}

@@ -13,6 +13,8 @@ and 32).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import tempfile
@@ -193,18 +195,21 @@ def quantize_file(
         try:
             quant_pre_process(str(fp32_file), str(prepared))
             kept = first_layers(prepared, options.fp32_first_layers)
-            quantize_static(
-                str(prepared),
-                str(int8_file),
-                reader,
-                quant_format=quant_format,
-                per_channel=options.per_channel,
-                reduce_range=options.reduce_range,
-                activation_type=QuantType.QUInt8,  # u8 activations, s8 weights: x86's fast int8 kernels
-                weight_type=QuantType.QInt8,
-                nodes_to_exclude=kept,
-                calibrate_method=getattr(CalibrationMethod, CALIBRATORS[options.calibration_method]),
-            )
+            calibrator_output = io.StringIO()  # its histogram calibrators print to stdout: kept for the log
+            with contextlib.redirect_stdout(calibrator_output):
+                quantize_static(
+                    str(prepared),
+                    str(int8_file),
+                    reader,
+                    quant_format=quant_format,
+                    per_channel=options.per_channel,
+                    reduce_range=options.reduce_range,
+                    activation_type=QuantType.QUInt8,  # u8 activations, s8 weights: x86's fast int8 kernels
+                    weight_type=QuantType.QInt8,
+                    nodes_to_exclude=kept,
+                    calibrate_method=getattr(CalibrationMethod, CALIBRATORS[options.calibration_method]),
+                )
+            log.debug("ONNX Runtime's calibrator: %s", calibrator_output.getvalue().strip())
         except Exception as error:  # ONNX Runtime's tools raise many types
             int8_file.unlink(missing_ok=True)
             raise ConfigError(
