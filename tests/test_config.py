@@ -283,3 +283,23 @@ def test_keys_that_nothing_would_read_are_refused(make, message):
     with pytest.raises(ConfigError, match=message):
         make()
     s.PredictConfig(model_path="m.pt", inputs="d", device="cpu")  # TorchScript runs on `device`
+
+
+def test_help_lists_the_groups_the_tool_composes(capsys):
+    """`optimize --help` names its own groups (data, paths), not train's; train's lists them all, the
+    defaults in brackets; a tool without groups has no groups section."""
+    from tests.conftest import run_tool
+
+    assert run_tool("optimize", "--help") == 0
+    printed = capsys.readouterr().out
+    groups = printed.split("== Configuration groups ==")[1].split("== Config ==")[0]
+    assert {line.split(":")[0] for line in groups.splitlines() if ": " in line} == {"data", "paths"}
+    assert "[from_checkpoint]" in groups and "method: quantize" in printed
+    assert run_tool("train", "--help") == 0
+    printed = capsys.readouterr().out
+    assert (
+        "backbone: " in printed and "[resnet18]" in printed and "trainer: cpu, ddp, [default], gpu" in printed
+    )
+    assert run_tool("summary", "--help") == 0
+    printed = capsys.readouterr().out
+    assert "Configuration groups" not in printed and "sweep_dir: ???" in printed

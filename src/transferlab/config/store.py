@@ -77,6 +77,28 @@ def _data_overrides() -> type:
 _RUN_UID = secrets.token_hex(3)  # one per process: two runs started in the same second get two directories
 
 
+def tool_groups(choices: Any) -> str:
+    """`${tool_groups:${hydra.runtime.choices}}` (conf/hydra/help/groups.yaml): --help's section on the
+    config groups the tool's defaults list composed, a line each with the options Hydra finds for it, the
+    chosen one in brackets; nothing for a tool without groups. Hydra's own groups and our schemas are left
+    out: nobody picks them."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    if not GlobalHydra.instance().is_initialized():
+        return ""
+    loader = GlobalHydra.instance().config_loader()
+    lines = []
+    for group, choice in sorted(choices.items()):
+        if group.startswith(("hydra", "schema")) or "@" in group:
+            continue
+        options = sorted(loader.get_group_options(group))
+        lines.append(f"{group}: " + ", ".join(f"[{o}]" if o == choice else o for o in options))
+    if not lines:
+        return ""
+    heading = "== Configuration groups ==\nCompose your configuration from these groups (group=option; [the default])"
+    return "\n".join([heading, "", *lines, "", ""])
+
+
 def register_resolvers() -> None:
     """`${run_uid:}`, `${slurm_or:NAME}`, `${or_else:A,B}`, `${if_set:X,A,B}` (conf/hydra/default.yaml);
     `${metric_mode:METRIC}` (the default of optimized_mode)."""
@@ -86,6 +108,7 @@ def register_resolvers() -> None:
         "or_else": lambda value, other: str(value) if value else other,
         "if_set": lambda value, then, other: then if value else other,
         "metric_mode": s.metric_direction,
+        "tool_groups": tool_groups,
     }
     for name, resolver in resolvers.items():
         OmegaConf.register_new_resolver(name, resolver, replace=True)
