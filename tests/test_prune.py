@@ -206,14 +206,15 @@ def test_prune_without_its_run_config_says_how_to_prune_only(trained_run, tmp_pa
     shutil.copy(trained_run / "checkpoints" / "best.ckpt", moved)
     status = run_tool("optimize", f"ckpt_path={moved}", "method=prune", f"hydra.run.dir={tmp_path / 'r'}")
     assert status != 0 and "set finetune.epochs=0 to prune only" in "".join(capsys.readouterr())
-    status = run_tool(
-        "optimize",
-        f"ckpt_path={moved}",
-        "method=quantize",
-        "prune.amount=0.3",
-        f"hydra.run.dir={tmp_path / 'q'}",
-    )
-    assert status != 0 and "prune.* is read only with method=prune" in "".join(capsys.readouterr())
+    for amount in ("0.3", "0.5"):  # 0.5 is the default: typed, so refused too
+        status = run_tool(
+            "optimize",
+            f"ckpt_path={moved}",
+            "method=quantize",
+            f"prune.amount={amount}",
+            f"hydra.run.dir={tmp_path / amount}",
+        )
+        assert status != 0 and "prune.* is read only with method=prune" in "".join(capsys.readouterr())
 
 
 def test_batch_norm_recalibration_estimates_the_statistics_anew():

@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 from omegaconf import MISSING
 
 from transferlab.errors import ConfigError
+from transferlab.runtime import command_line_overrides
 
 INTERPOLATIONS = ("nearest", "nearest-exact", "bilinear", "bicubic", "box", "hamming", "lanczos")
 SPLITS = ("train", "val", "test")
@@ -78,6 +79,13 @@ def is_set(node: Any, key: str, schema: type | None = None) -> bool:
     spec = (schema or type(node)).__dataclass_fields__[key]
     default = spec.default_factory() if spec.default_factory is not MISSING_FIELD else spec.default
     return getattr(node, key) != default
+
+
+def typed_under(group: str) -> bool:
+    """A key of `group` was typed on the command line (`prune.amount=0.5`, `+simclr.x=1`): set by the
+    user even when the value is the default, which `is_set` cannot tell."""
+    keys = (override.split("=", 1)[0].lstrip("+~") for override in command_line_overrides())
+    return any(key == group or key.startswith(f"{group}.") for key in keys)
 
 
 MAX_SEED = 2**32 - 1  # numpy's and scikit-learn's seeds; Lightning picks a random one outside it
@@ -938,7 +946,7 @@ class PretrainConfig:
         check_seed(self.seed, "seed")
         check_choice(self.method, "method", tuple(PRETRAIN_METHODS))
         for name in PRETRAIN_METHODS:
-            if self.method != name and is_set(self, name):
+            if self.method != name and (is_set(self, name) or typed_under(name)):
                 raise ConfigError(f"{name}.* is read only with method={name} (method={self.method})")
         if (self.optimized_metric, self.optimized_mode) != ("val/loss", "min"):
             raise ConfigError(
@@ -1150,7 +1158,7 @@ class OptimizeConfig:
     def __post_init__(self) -> None:
         check_choice(self.method, "method", OPTIMIZE_METHODS)
         for group, method in (("quantize", "quantize"), ("prune", "prune"), ("finetune", "prune")):
-            if self.method != method and is_set(self, group):
+            if self.method != method and (is_set(self, group) or typed_under(group)):
                 raise ConfigError(f"{group}.* is read only with method={method} (method={self.method})")
         check_int(self.latency_runs, "latency_runs", 1)
         check_int(self.threads, "threads", 0)
