@@ -5,9 +5,9 @@
 
 1. Kernel time per run of the run's model.onnx and model.int8.onnx (ONNX Runtime's profiler), summed by
    kind: 1x1 convolutions, depthwise convolutions (group > 1), other convolutions (the stem), the rest.
-2. Variants quantized here from the same fp32 file with ONNX Runtime's quantize_static (QDQ, per-channel
-   int8 weights, uint8 activations, as `optimize` does) but with some kinds left in fp32: the
-   depthwise convolutions, the stem, both. Calibrated on random images: latency only, no accuracy.
+2. Variants quantized from the same fp32 file by `optimize`'s own quantize_file (its default settings:
+   QDQ, per-channel int8 weights, uint8 activations) but with some kinds left in fp32: the depthwise
+   convolutions, the stem, both. Calibrated on random images: latency only, no accuracy.
    Each model timed alone, blocks A B ... B A, median of `--runs` (compress.timing).
 """
 
@@ -22,8 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from transferlab.compress.quantize import onnxruntime_runner
+from transferlab.compress.quantize import onnxruntime_runner, quantize_file
 from transferlab.compress.timing import medians_in_blocks
+from transferlab.config.schema import QuantizeConfig
 from transferlab.inference.model import ModelCard
 
 
@@ -71,34 +72,17 @@ def kernel_ms_by_kind(model_file: Path, batch: np.ndarray, threads: int, runs: i
 
 
 def quantize_leaving_fp32(fp32_file: Path, out: Path, leave: set[str], images: np.ndarray) -> None:
-    import onnx
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    prepared = out.with_suffix(".prepared.onnx")
-    quant_pre_process(str(fp32_file), str(prepared))
-    kinds = layer_kinds(prepared)
-    input_name = onnx.load(str(prepared), load_external_data=False).graph.input[0].name
-
-    class RandomImages(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches = iter([images[:8], images[8:16]])
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            batch = next(self.batches, None)
-            return None if batch is None else {input_name: batch}
-
-    quantize_static(
-        str(prepared),
-        str(out),
-        RandomImages(),
-        quant_format=QuantFormat.QDQ,
-        per_channel=True,
-        activation_type=QuantType.QUInt8,
-        weight_type=QuantType.QInt8,
-        nodes_to_exclude=[name for name, kind in kinds.items() if kind in leave],
+    """`optimize`'s own quantization (compress.quantize.quantize_file, its default settings) with the
+    layers of the kinds in `leave` kept in fp32, calibrated on two batches of `images`."""
+    card = ModelCard.read(fp32_file)
+    quantize_file(
+        fp32_file,
+        out,
+        [images[:8], images[8:16]],
+        QuantizeConfig(),
+        card,
+        kept_fp32=lambda prepared: [name for name, kind in layer_kinds(prepared).items() if kind in leave],
     )
-    prepared.unlink()
 
 
 def main() -> None:

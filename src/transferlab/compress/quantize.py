@@ -18,7 +18,7 @@ import io
 import logging
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -165,10 +165,17 @@ def quantized_card(card: ModelCard, options: QuantizeConfig, calibration: list[n
 
 
 def quantize_file(
-    fp32_file: Path, int8_file: Path, calibration: list[np.ndarray], options: QuantizeConfig, card: ModelCard
+    fp32_file: Path,
+    int8_file: Path,
+    calibration: list[np.ndarray],
+    options: QuantizeConfig,
+    card: ModelCard,
+    kept_fp32: Callable[[Path], list[str]] | None = None,
 ) -> None:
     """ORT's pre-processing (shape inference, graph optimisation: folds what quantization would split),
-    then static quantization. Its temporary files go to a folder removed afterwards."""
+    then static quantization. Its temporary files go to a folder removed afterwards. The nodes left in
+    fp32 are `quantize.fp32_first_layers`'s, or `kept_fp32(pre-processed file)`'s (benchmarks/int8_layers.py
+    leaves whole kinds of layer)."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -194,7 +201,7 @@ def quantize_file(
         prepared = Path(scratch) / "prepared.onnx"
         try:
             quant_pre_process(str(fp32_file), str(prepared))
-            kept = first_layers(prepared, options.fp32_first_layers)
+            kept = kept_fp32(prepared) if kept_fp32 else first_layers(prepared, options.fp32_first_layers)
             calibrator_output = io.StringIO()  # its histogram calibrators print to stdout: kept for the log
             with contextlib.redirect_stdout(calibrator_output):
                 quantize_static(
