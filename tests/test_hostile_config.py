@@ -339,9 +339,18 @@ def test_a_run_in_use_is_not_resumed_by_another(finished_run, capsys):
 
 
 def test_a_checkpoint_with_no_epochs_left_is_refused(finished_run, tmp_path, capsys):
+    def outcome_files() -> dict[str, str]:  # all but the log and the refused attempt's .hydra/resume_<time>
+        return {
+            path: digest
+            for path, digest in snapshot(finished_run).items()
+            if path != "train.log" and not path.startswith(".hydra/resume_")
+        }
+
     last = finished_run / "checkpoints" / "last.ckpt"
+    before = outcome_files()
     status, text = run("train", [f"resume={finished_run}"], capsys)  # max_epochs=2, both trained
     assert status == 2 and "has completed 2 epochs, so trainer.max_epochs=2 leaves none to train" in text
+    assert outcome_files() == before  # still a finished run: its metrics.json in place, no error.txt
     status, text = run("train", [*FAST, f"ckpt_path={last}", f"hydra.run.dir={tmp_path}/new"], capsys)
     assert status == 2 and f"ckpt_path={last} has completed 2 epochs" in text
 

@@ -104,32 +104,52 @@ class BackgroundCheckpointIO(AsyncCheckpointIO):
         super().save_checkpoint(checkpoint, path, storage_options)
 
 
-def save_traceback(directory: str | os.PathLike, error: BaseException) -> Path:
+def save_traceback(directory: str | os.PathLike, error: BaseException) -> Path | None:
     """Write the traceback of `error` to <directory>/error.txt (atomically: a full disk leaves no half
     file); an error.txt already there is kept aside first. A note on `error` names the file, so that a
     caller further up (the tool) knows it is saved, and a traceback shown in full says where it is.
+    Nothing is written for an error marked by `leave_run_as_it_was` (returns None).
     Raises OSError (ResourceError) when it cannot be written: the caller decides how to tell that."""
     path = Path(directory) / ERROR_FILE
     if saved_traceback(error) == path:
         return path
+    if any(note.startswith(_UNSAVED_NOTE) for note in _notes(error)):
+        return None
     text = "".join(traceback.format_exception(error))
     keep_earlier(directory, ERROR_FILE)
     atomic_write(path, lambda f: f.write(text.encode()))
-    note = f"{_SAVED_NOTE}{path}"
+    _add_note(error, f"{_SAVED_NOTE}{path}")
+    return path
+
+
+def leave_run_as_it_was(error: BaseException, directory: str | os.PathLike) -> None:
+    """Mark `error`, which stopped an attempt before it began in a run directory holding an earlier
+    attempt's outcome (a refused resume=): its traceback is not saved there, where an error.txt would
+    make a finished run look failed."""
+    _add_note(
+        error, f"{_UNSAVED_NOTE}{directory} (an earlier attempt's outcome is there; this one never began)"
+    )
+
+
+_SAVED_NOTE = "The traceback is saved in "
+_UNSAVED_NOTE = "Nothing was written to "
+
+
+def _notes(error: BaseException) -> list[str]:
+    return [note for note in getattr(error, "__notes__", ()) if isinstance(note, str)]
+
+
+def _add_note(error: BaseException, note: str) -> None:
     if hasattr(error, "add_note"):
         error.add_note(note)
     else:  # Python 3.10: the attribute that add_note fills (PEP 678), not shown in tracebacks
         error.__notes__ = [*getattr(error, "__notes__", []), note]
-    return path
-
-
-_SAVED_NOTE = "The traceback is saved in "
 
 
 def saved_traceback(error: BaseException) -> Path | None:
     """Where `save_traceback` saved this error's traceback, if it did."""
-    for note in getattr(error, "__notes__", ()):
-        if isinstance(note, str) and note.startswith(_SAVED_NOTE):
+    for note in _notes(error):
+        if note.startswith(_SAVED_NOTE):
             return Path(note.removeprefix(_SAVED_NOTE))
     return None
 

@@ -5,6 +5,7 @@ or SimCLR), with training's data pipeline, loggers, checkpoints, DDP and resume;
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 
 def pretrain(cfg: DictConfig) -> dict[str, Any]:
     """Fit; writes metrics.json (the best val/loss and the checkpoints) to the run directory and returns it."""
-    return run_job(cfg, lambda output_dir: _fit(parse_pretrain_config(cfg), output_dir))
+    return run_job(cfg, lambda output_dir, begin: _fit(parse_pretrain_config(cfg), output_dir, begin))
 
 
 def check_pretrain_inputs(config: PretrainConfig) -> None:
@@ -72,7 +73,7 @@ def build_pretrain_datamodule(config: PretrainConfig) -> TransferDataModule:
     return TransferDataModule(config.data, preprocessing, config.seed, config.augment, views=views)
 
 
-def _fit(config: PretrainConfig, output_dir: Path) -> dict[str, Any]:
+def _fit(config: PretrainConfig, output_dir: Path, begin: Callable[[], None]) -> dict[str, Any]:
     check_pretrain_inputs(config)
     check_multirun_processes(config.trainer, multirun=is_multirun())
     config = replace(config, ckpt_path=start_checkpoint(config.ckpt_path, output_dir))
@@ -98,6 +99,7 @@ def _fit(config: PretrainConfig, output_dir: Path) -> dict[str, Any]:
         model, config.model, datamodule.preprocessing.crop_size, trainer.strategy.root_device.type
     )
     apply_speed_options(model, config.model)
+    begin()
     with finalizing(loggers):
         if trainer.is_global_zero:
             datamodule.write_run_files(output_dir)

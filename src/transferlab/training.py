@@ -38,7 +38,15 @@ from transferlab.config import TrainConfig, parse_train_config
 from transferlab.config.parse import backbone_never_trains
 from transferlab.data.datamodule import TransferDataModule
 from transferlab.errors import ConfigError
-from transferlab.files import ERROR_FILE, METRICS_FILE, atomic_write, keep_earlier, save_traceback, write_json
+from transferlab.files import (
+    ERROR_FILE,
+    METRICS_FILE,
+    atomic_write,
+    keep_earlier,
+    leave_run_as_it_was,
+    save_traceback,
+    write_json,
+)
 from transferlab.finetune.averaging import EMAWeights
 from transferlab.finetune.bn_fit import MEASURED_BATCHES, SHIFT_THRESHOLD, adapted_bn_mode, statistics_shift
 from transferlab.finetune.feature_cache import FeatureCache, use_feature_cache
@@ -181,22 +189,35 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     A continued run (resume=, a SLURM requeue) first renames the earlier attempt's error.txt and
     metrics.json (`files.keep_earlier`): kept, but neither is taken for this attempt's outcome.
     """
-    return run_job(cfg, lambda output_dir: _fit_and_evaluate(parse_train_config(cfg), output_dir))
+    return run_job(
+        cfg, lambda output_dir, begin: _fit_and_evaluate(parse_train_config(cfg), output_dir, begin)
+    )
 
 
-def run_job(cfg: DictConfig, job: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
-    """`job(output_dir)` with what every run keeps: an earlier attempt's error.txt and metrics.json put
-    aside, any failure's traceback in error.txt, and SIGTERM reported as a failure (`train`)."""
+def run_job(cfg: DictConfig, job: Callable[[Path, Callable[[], None]], dict[str, Any]]) -> dict[str, Any]:
+    """`job(output_dir, begin)` with what every run keeps: any failure's traceback in error.txt, and SIGTERM
+    reported as a failure (`train`). The job calls `begin()` once its checks (config, resume point) have
+    passed: an earlier attempt's error.txt and metrics.json are put aside then. A failure before that in
+    a directory holding an earlier attempt's outcome leaves the directory as it was: a refused resume= of
+    a finished run must not turn it into a failed one."""
     output_dir = Path(cfg.paths.output_dir)
-    try:
+    begun = False
+
+    def begin() -> None:
+        nonlocal begun
         for name in (ERROR_FILE, METRICS_FILE) if rank_zero_only.rank == 0 else ():
             if (kept := keep_earlier(output_dir, name)) is not None:
                 log.info("The earlier attempt's %s is kept as %s", name, kept.name)
-        return job(output_dir)
+        begun = True
+
+    try:
+        return job(output_dir, begin)
     except BaseException as error:
-        if rank_zero_only.rank == 0:  # the run directory stays readable: config, logs, checkpoints, the error
-            # on a full disk it cannot be saved: the error raised stays the one the user sees (the tool
-            # tries again, and tells)
+        if not begun and any((output_dir / name).exists() for name in (ERROR_FILE, METRICS_FILE)):
+            leave_run_as_it_was(error, output_dir)  # the tool saves no error.txt there either
+        elif rank_zero_only.rank == 0:
+            # the run directory stays readable: config, logs, checkpoints, the error; on a full disk it
+            # cannot be saved: the error raised stays the one the user sees (the tool tries again, and tells)
             with contextlib.suppress(OSError):
                 save_traceback(output_dir, error)
         if isinstance(error, SIGTERMException):  # a SystemExit with status 0, as if the run had succeeded
@@ -204,7 +225,7 @@ def run_job(cfg: DictConfig, job: Callable[[Path], dict[str, Any]]) -> dict[str,
         raise
 
 
-def _fit_and_evaluate(config: TrainConfig, output_dir: Path) -> dict[str, Any]:
+def _fit_and_evaluate(config: TrainConfig, output_dir: Path, begin: Callable[[], None]) -> dict[str, Any]:
     check_run_inputs(config)
     check_multirun_processes(config.trainer, multirun=is_multirun())
     config = replace(config, ckpt_path=start_checkpoint(config.ckpt_path, output_dir))
@@ -227,6 +248,7 @@ def _fit_and_evaluate(config: TrainConfig, output_dir: Path) -> dict[str, Any]:
         # loader first asks for them (after a checkpoint is restored); checkpoints hold the whole network
         datamodule.feature_cache = FeatureCache(model)
         model.inputs_are_features = True
+    begin()
     with finalizing(loggers):
         if trainer.is_global_zero:
             datamodule.write_run_files(output_dir)
