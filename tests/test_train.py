@@ -130,7 +130,14 @@ def test_eval_refuses_data_with_other_classes(trained_run, tmp_path):
 def test_never_overwrites_an_earlier_run(trained_run, capsys):
     before = {p: p.stat().st_mtime_ns for p in trained_run.rglob("*") if p.is_file()}
     assert run_tool("train", *FAST, f"hydra.run.dir={trained_run}") != 0
-    assert "already holds a run" in capsys.readouterr().err
+    message = capsys.readouterr().err
+    assert "already holds a run" in message and f"or resume={trained_run} to continue it." in message
+    assert (
+        run_tool("eval", f"ckpt_path={trained_run}/checkpoints/best.ckpt", f"hydra.run.dir={trained_run}")
+        != 0
+    )
+    message = capsys.readouterr().err
+    assert "already holds a run" in message and "resume=" not in message  # eval has no resume=
     assert before == {p: p.stat().st_mtime_ns for p in trained_run.rglob("*") if p.is_file()}
 
 

@@ -120,9 +120,10 @@ class RunDirGuard(HydraCallback):
             self._lock(run_dir)
             return  # SLURM restarted this job: it continues from its own checkpoints
         if earlier is not None:
+            resume = f", or resume={run_dir} to continue it" if "resume" in config else ""  # train, pretrain
             raise SystemExit(
                 f"Error: hydra.run.dir={run_dir} already holds a run ({earlier}); it is left untouched. "
-                "Choose a new hydra.run.dir, leave it unset for a fresh directory, or resume={run_dir}."
+                f"Choose a new hydra.run.dir or leave it unset for a fresh directory{resume}."
             )
         try:
             claim_directory(run_dir, marker=str(config.hydra.output_subdir or ".hydra"))
