@@ -106,3 +106,32 @@ def test_bad_input_is_refused_in_one_line_before_any_data_is_read(quantized, che
         printed = capsys.readouterr().out
         assert message in printed and "Traceback" not in printed, (overrides, printed[-2000:])
         assert not (out / "metrics.json").exists() and not (out / "splits").exists()
+
+
+def test_a_card_from_another_model_is_refused_not_used_for_the_labels(
+    quantized, trained_run, tmp_path, capsys
+):
+    """A model.json beside a file of another export (here it lists 4 classes for a 3-class model): predict
+    and eval stop at the first batch, instead of naming predictions with the wrong classes."""
+    import shutil
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    shutil.copy(quantized / "model.onnx", folder / "model.onnx")
+    card = read_json(quantized / "model.json")
+    card.update(file="model.onnx", quantization=None, class_names=[*card["class_names"], "owl"])
+    (folder / "model.json").write_text(json.dumps(card))
+    images = trained_run.parent / "data" / "test"  # conftest.trained_run's data
+    expected = (
+        f"model_path={folder / 'model.onnx'} gives 3 scores per image, but the model.json beside it lists 4"
+    )
+    status = run_tool(
+        "predict",
+        f"model_path={folder / 'model.onnx'}",
+        f"inputs={images}",
+        f"hydra.run.dir={tmp_path / 'p'}",
+    )
+    assert status == 2 and expected in capsys.readouterr().out
+    assert not (tmp_path / "p" / "predictions.csv").exists()
+    status = run_tool("eval", f"model_path={folder / 'model.onnx'}", f"hydra.run.dir={tmp_path / 'e'}")
+    assert status == 2 and expected in capsys.readouterr().out

@@ -303,7 +303,7 @@ def run_parity(
     model: InferenceModel, card: ModelCard, model_file: Path, datamodule: Any, config: ExportConfig
 ) -> dict[str, Any]:
     """The exported file, loaded back as predict loads it, against the checkpoint's model: parity.json."""
-    reference = TorchPredictor(model, card, torch.device("cpu"))
+    reference = TorchPredictor(model, card, torch.device("cpu"), f"ckpt_path={config.ckpt_path}")
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", DEPRECATED_JIT, FutureWarning)

@@ -36,15 +36,27 @@ def resolve_device(device: str, setting: str | None = None) -> torch.device:
     return torch.device(device)
 
 
+def one_score_per_class(logits: torch.Tensor, card: ModelCard, source: str) -> torch.Tensor:
+    """`logits`, checked to hold a score for each of the card's classes: a model.json left beside another
+    export's file would otherwise name every prediction with the wrong class."""
+    if logits.ndim != 2 or logits.shape[1] != len(card.class_names):
+        raise ConfigError(
+            f"{source} gives {logits.shape[1] if logits.ndim == 2 else tuple(logits.shape)} scores per image, "
+            f"but the model.json beside it lists {len(card.class_names)} classes: that card belongs to "
+            "another model; export the checkpoint again (transferlab export)"
+        )
+    return logits
+
+
 class TorchPredictor:
     """A PyTorch module (a checkpoint's InferenceModel, or a TorchScript module) on a device."""
 
-    def __init__(self, module: torch.nn.Module, card: ModelCard, device: torch.device) -> None:
-        self.module, self.card, self.device = module.to(device).eval(), card, device
+    def __init__(self, module: torch.nn.Module, card: ModelCard, device: torch.device, source: str) -> None:
+        self.module, self.card, self.device, self.source = module.to(device).eval(), card, device, source
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return self.module(images.to(self.device)).float().cpu()
+        return one_score_per_class(self.module(images.to(self.device)).float().cpu(), self.card, self.source)
 
 
 class OnnxPredictor:
@@ -53,7 +65,7 @@ class OnnxPredictor:
     def __init__(self, path: Path, card: ModelCard) -> None:
         import onnxruntime
 
-        self.card = card
+        self.card, self.path = card, path
         options = onnxruntime.SessionOptions()
         options.log_severity_level = 3  # errors only
         try:
@@ -66,7 +78,8 @@ class OnnxPredictor:
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         array = images.detach().cpu().contiguous().numpy()
-        return torch.from_numpy(self.session.run(None, {self.input_name: array})[0])
+        logits = torch.from_numpy(self.session.run(None, {self.input_name: array})[0])
+        return one_score_per_class(logits, self.card, f"model_path={self.path}")
 
 
 def model_format(path: Path) -> str:
@@ -98,9 +111,9 @@ def open_exported(model_path: str | Path, device: str = "auto") -> Predictor:
             module = torch.jit.load(str(path), map_location="cpu")
     except Exception as err:
         raise ConfigError(f"model_path={path} is not a TorchScript file ({type(err).__name__})") from err
-    return TorchPredictor(module, card, resolve_device(device))
+    return TorchPredictor(module, card, resolve_device(device), f"model_path={path}")
 
 
 def open_checkpoint(ckpt_path: str | Path, device: str = "auto", trust: bool = False) -> Predictor:
     model, card = load_inference_model(ckpt_path, trust=trust)
-    return TorchPredictor(model, card, resolve_device(device))
+    return TorchPredictor(model, card, resolve_device(device), f"ckpt_path={ckpt_path}")
