@@ -7,9 +7,11 @@ import csv
 from pathlib import Path
 
 import onnx
+import pytest
 import torch
 
 from tests.conftest import read_json, run_tool
+from transferlab.errors import ConfigError
 
 FILES = {"model.onnx", "model.int8.onnx", "model.json", "quantize.json"}
 
@@ -116,6 +118,12 @@ def test_the_first_layers_kept_in_fp32_are_the_stems_convolutions(quantized):
     nodes = {node.name: node for node in onnx.load(str(quantized / "model.onnx")).graph.node}
     assert len(names) == 2 and all(nodes[name].op_type == "Conv" for name in names)
     assert first_layers(quantized / "model.onnx", 0) == []
+    layers = sum(node.op_type in ("Conv", "Gemm", "MatMul") for node in nodes.values())
+    assert len(first_layers(quantized / "model.onnx", layers - 1)) == layers - 1
+    with pytest.raises(
+        ConfigError, match=rf"fp32_first_layers={layers} leaves none of the model's {layers} "
+    ):
+        first_layers(quantized / "model.onnx", layers)  # an "int8" model all in fp32
 
 
 def test_histogram_calibration_prints_nothing_to_stdout(quantized, tmp_path, capsys):

@@ -217,6 +217,8 @@ def quantize_file(
                     calibrate_method=getattr(CalibrationMethod, CALIBRATORS[options.calibration_method]),
                 )
             log.debug("ONNX Runtime's calibrator: %s", calibrator_output.getvalue().strip())
+        except ConfigError:
+            raise
         except Exception as error:  # ONNX Runtime's tools raise many types
             int8_file.unlink(missing_ok=True)
             raise ConfigError(
@@ -233,7 +235,13 @@ def first_layers(model_file: Path, count: int) -> list[str]:
     import onnx
 
     nodes = onnx.load(str(model_file), load_external_data=False).graph.node
-    return [node.name for node in nodes if node.op_type in QUANTIZED_LAYERS][:count]
+    layers = [node.name for node in nodes if node.op_type in QUANTIZED_LAYERS]
+    if count >= len(layers):
+        raise ConfigError(
+            f"quantize.fp32_first_layers={count} leaves none of the model's {len(layers)} Conv/Gemm/MatMul "
+            f"layers to int8: choose at most {len(layers) - 1} (the stem is 1-3)"
+        )
+    return layers[:count]
 
 
 # --- the comparison -------------------------------------------------------------------------------------
