@@ -88,6 +88,7 @@ RUN_LENGTH = [
     (["trainer.max_epochs=-1"], r"trainer.max_epochs=-1 must be an integer >= 1"),
     (["trainer.max_epochs=null"], r"trainer.max_epochs=None must be an integer >= 1"),
     (["trainer.limit_train_batches=0"], r"trainer.limit_train_batches=0 trains nothing"),
+    (["trainer.accumulate_grad_batches=0"], r"trainer.accumulate_grad_batches=0 must be an integer >= 1"),
     (["trainer.limit_val_batches=0"], r"trainer.limit_val_batches=0 never validates"),
     (["trainer.check_val_every_n_epoch=5"], r"check_val_every_n_epoch=5 is more than trainer.max_epochs=1"),
 ]

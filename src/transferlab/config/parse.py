@@ -317,6 +317,12 @@ def _check_run_length(trainer: Mapping[str, Any]) -> int:
         )
     if trainer_arg(trainer, "limit_train_batches") in (0, 0.0):
         raise ConfigError("trainer.limit_train_batches=0 trains nothing: leave it unset, or a fraction > 0")
+    accumulate = trainer_arg(trainer, "accumulate_grad_batches")
+    if not isinstance(accumulate, int) or isinstance(accumulate, bool) or accumulate < 1:
+        # Lightning takes 0 and fails dividing by it when the schedule asks for the run's steps
+        raise ConfigError(
+            f"trainer.accumulate_grad_batches={accumulate!r} must be an integer >= 1 (batches per optimizer step)"
+        )
     return max_epochs
 
 
