@@ -58,3 +58,16 @@ def test_demo_methods_are_the_schemas_choices():
         "imagenet_scratch",
         "digits_pretrained",
     ]
+
+
+def test_no_methods_or_a_repeated_seed_is_refused_before_any_run():
+    import pytest
+
+    from transferlab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="methods must list at least one of: imagenet_finetune"):
+        DemoConfig(methods=[])
+    with pytest.raises(ConfigError, match="seeds lists 1 twice"):
+        DemoConfig(seeds=[1, 2, 1])
+    with pytest.raises(ConfigError, match="methods lists imagenet_scratch twice"):
+        DemoConfig(methods=["imagenet_scratch", "imagenet_scratch"])

@@ -1230,3 +1230,11 @@ class DemoConfig:
         check_int(self.shots, "shots", 1, optional=True)
         if not self.seeds:
             raise ConfigError("seeds must list at least one seed")
+        if not self.methods:
+            raise ConfigError(f"methods must list at least one of: {', '.join(DEMO_METHODS)}")
+        for name, values in (("seeds", self.seeds), ("methods", self.methods)):
+            if len(set(values)) < len(values):  # two runs would share one directory
+                repeated = next(v for v in values if values.count(v) > 1)
+                raise ConfigError(
+                    f"{name} lists {repeated} twice: each run of the demo is one seed and method"
+                )
