@@ -189,7 +189,8 @@ def test_eval_keeps_its_traceback_in_its_own_run_directory(tmp_path, monkeypatch
         ("missing", ": no such file"),
         ("state_dict", "is a plain state_dict"),
         ("other model", "is a Lightning checkpoint of another model"),
-        ("zip", "is a zip archive, not a PyTorch checkpoint"),
+        ("zip", "is a zip archive, not a PyTorch file: give a checkpoint of ours"),
+        ("torchscript", r"is a TorchScript model .*eval and predict take those as model_path="),
         ("needs unpickling", r"holds pathlib.PurePosixPath, .* add trust_checkpoint=true"),
     ],
 )
@@ -209,6 +210,7 @@ def test_each_kind_of_bad_checkpoint_has_its_own_message(tmp_path, kind, message
         "state_dict": lambda: torch.save({"fc.weight": torch.ones(2, 2)}, path),
         "other model": lambda: torch.save({**lightning, "hyper_parameters": {"lr": 0.1}}, path),
         "zip": lambda: zipfile.ZipFile(path, "w").writestr("notes.txt", "not a checkpoint"),
+        "torchscript": lambda: torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(path)),
         "needs unpickling": lambda: torch.save(
             {**lightning, "hyper_parameters": {"class_names": ["a"], "root": pathlib.PurePosixPath("/")}},
             path,

@@ -74,9 +74,24 @@ def test_unsafe_pickle_needs_opt_in(tmp_path):
     state = get_model("resnet18", weights=None).state_dict()
     path = tmp_path / "with_args.pth"
     torch.save({"state_dict": state, "args": argparse.Namespace(lr=0.1)}, path)  # like timm's train.py
-    with pytest.raises(WeightsError, match="backbone.trust_file=true"):
+    with pytest.raises(WeightsError, match=r"holds argparse.Namespace, .* add backbone.trust_file=true"):
         read_weights_file(path)
     assert set(read_weights_file(path, trust_file=True)) == set(state)
+
+
+def test_a_file_that_is_no_weights_file_is_named_for_what_it_is(tmp_path):
+    """An ONNX file or an empty one is not offered backbone.trust_file=true, which could not help."""
+    onnx_file = tmp_path / "model.onnx"
+    onnx_file.write_bytes(b"\x08\x07\x12\x07pytorch")  # how an ONNX protobuf starts
+    with pytest.raises(
+        WeightsError, match=r"is not a PyTorch file .*give a state_dict or checkpoint"
+    ) as raised:
+        read_weights_file(onnx_file)
+    assert "trust_file" not in str(raised.value)
+    empty = tmp_path / "empty.pth"
+    empty.write_bytes(b"")
+    with pytest.raises(WeightsError, match=r"backbone.weights=.*empty.pth is empty \(0 bytes\)"):
+        read_weights_file(empty)
 
 
 def test_safetensors_file(tmp_path):

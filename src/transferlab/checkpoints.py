@@ -5,18 +5,14 @@
 
 from __future__ import annotations
 
-import re
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from transferlab.errors import ConfigError, DataError, first_line
+from transferlab.errors import ConfigError, DataError
+from transferlab.files import why_torch_file_unreadable
 from transferlab.models.classifier import VAL_METRICS_KEY
-
-_ZIP_MAGIC = b"PK"  # torch.save's format since torch 1.6 (Lightning's checkpoints)
-_PICKLE_MAGIC = b"\x80"  # torch.save's legacy format: a pickle (protocol 2 and up)
 
 
 def read_checkpoint(
@@ -38,7 +34,8 @@ def read_checkpoint(
     except OSError as err:
         raise ConfigError(f"{key}={file} cannot be read ({err.strerror or err})") from err
     except Exception as err:
-        raise ConfigError(f"{key}={file} {_why_unreadable(file, err, trust, trust_key)}") from err
+        why = why_torch_file_unreadable(file, err, trust, trust_key, "a checkpoint of ours (.ckpt)")
+        raise ConfigError(f"{key}={file} {why}") from err
     _check_is_ours(file, checkpoint, key, pretraining)
     return checkpoint
 
@@ -58,49 +55,6 @@ def check_is_file(file: str | Path, key: str) -> None:
         raise ConfigError(
             f"{key}={file} is empty (0 bytes): its save or copy never wrote it; use another checkpoint"
         )
-
-
-def _why_unreadable(file: Path, err: Exception, trust: bool, trust_key: str) -> str:
-    """What torch.load's failure means for this file, judged by its format (torch's messages do not
-    say: random bytes and a checkpoint holding a class not on torch's allow-list fail alike)."""
-    with file.open("rb") as f:
-        head = f.read(8)
-    truncated = "is truncated (it ends early: a save or copy that did not finish); use another checkpoint"
-    if head.startswith(_ZIP_MAGIC):
-        if not zipfile.is_zipfile(file):  # the zip directory, written last, is missing
-            return truncated
-        with zipfile.ZipFile(file) as archive:
-            if not any(name.endswith("/data.pkl") for name in archive.namelist()):
-                return "is a zip archive, not a PyTorch checkpoint"
-        unsafe = [] if trust else _unsafe_globals(file)
-    elif head.startswith(_PICKLE_MAGIC):
-        if isinstance(err, EOFError):
-            return truncated
-        unsafe = [] if trust else _UNSAFE_GLOBAL.findall(str(err))
-    else:
-        return (
-            f"is not a PyTorch file (not what torch.save writes; it starts with {head!r}): give a checkpoint "
-            "of ours (.ckpt; an exported model.onnx or model.pt is not one)"
-        )
-    if unsafe:
-        return (
-            f"holds {', '.join(unsafe)}, which loading safely (weights_only) does not unpickle. "
-            f"If you trust this file, add {trust_key}=true to load it with full unpickling."
-        )
-    if trust:  # e.g. a class that is not importable here
-        return f"cannot be loaded, even with full unpickling ({type(err).__name__}: {first_line(err)})"
-    return f"is damaged: it cannot be read ({type(err).__name__}: {first_line(err)})"
-
-
-_UNSAFE_GLOBAL = re.compile(r"GLOBAL (\S+) was not an allowed global")  # torch.load's message
-
-
-def _unsafe_globals(file: Path) -> list[str]:
-    """The classes and functions a checkpoint needs unpickled beyond torch's weights_only allow-list."""
-    try:
-        return sorted(torch.serialization.get_unsafe_globals_in_checkpoint(file))
-    except Exception:  # a TorchScript archive, a damaged pickle: not a matter of trust
-        return []
 
 
 def _check_is_ours(file: Path, checkpoint: Any, key: str, pretraining: bool = False) -> None:

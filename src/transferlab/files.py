@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import time
 import traceback
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -25,7 +27,7 @@ import torch
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.plugins.io import AsyncCheckpointIO, TorchCheckpointIO
 
-from transferlab.errors import environment_cause, resource_error
+from transferlab.errors import environment_cause, first_line, resource_error
 
 ERROR_FILE = "error.txt"  # a failed run's traceback (sweep summaries list the run as failed)
 METRICS_FILE = "metrics.json"  # a finished run's metrics (sweep summaries list the run as ok)
@@ -187,3 +189,56 @@ def _fsync_directory(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+# --- why a torch file cannot be loaded --------------------------------------------------------------------
+
+_ZIP_MAGIC = b"PK"  # torch.save's format since torch 1.6 (Lightning's checkpoints)
+_PICKLE_MAGIC = b"\x80"  # torch.save's legacy format: a pickle (protocol 2 and up)
+_EXPORTED_HINT = "; an exported model.onnx or model.pt is not one: eval and predict take those as model_path="
+_UNSAFE_GLOBAL = re.compile(r"GLOBAL (\S+) was not an allowed global")  # torch.load's message
+
+
+def why_torch_file_unreadable(file: Path, err: Exception, trust: bool, trust_key: str, wanted: str) -> str:
+    """What torch.load's failure `err` means for this file, judged by its format (torch's messages do not
+    say: random bytes and a checkpoint holding a class not on torch's allow-list fail alike). `trust`:
+    whether it was loaded with full unpickling, `trust_key` the setting that does so; `wanted` says what
+    to give instead of a file that is not a torch file ("a checkpoint of ours (.ckpt)")."""
+    with file.open("rb") as f:
+        head = f.read(8)
+    truncated = "is truncated (it ends early: a save or copy that did not finish); use another file"
+    if head.startswith(_ZIP_MAGIC):
+        if not zipfile.is_zipfile(file):  # the zip directory, written last, is missing
+            return truncated
+        with zipfile.ZipFile(file) as archive:
+            names = archive.namelist()
+        if any(name.endswith("/constants.pkl") for name in names):  # what torch.jit.save writes
+            return f"is a TorchScript model (export format=torchscript), not {wanted}{_EXPORTED_HINT}"
+        if not any(name.endswith("/data.pkl") for name in names):
+            return f"is a zip archive, not a PyTorch file: give {wanted}"
+        unsafe = [] if trust else _unsafe_globals(file)
+    elif head.startswith(_PICKLE_MAGIC):
+        if isinstance(err, EOFError):
+            return truncated
+        unsafe = [] if trust else _UNSAFE_GLOBAL.findall(str(err))
+    else:
+        return (
+            f"is not a PyTorch file (not what torch.save writes; it starts with {head!r}): give {wanted}"
+            f"{_EXPORTED_HINT}"
+        )
+    if unsafe:
+        return (
+            f"holds {', '.join(unsafe)}, which loading safely (weights_only) does not unpickle. "
+            f"If you trust this file, add {trust_key}=true to load it with full unpickling."
+        )
+    if trust:  # e.g. a class that is not importable here
+        return f"cannot be loaded, even with full unpickling ({type(err).__name__}: {first_line(err)})"
+    return f"is damaged: it cannot be read ({type(err).__name__}: {first_line(err)})"
+
+
+def _unsafe_globals(file: Path) -> list[str]:
+    """The classes and functions a file needs unpickled beyond torch's weights_only allow-list."""
+    try:
+        return sorted(torch.serialization.get_unsafe_globals_in_checkpoint(file))
+    except Exception:  # a TorchScript archive, a damaged pickle: not a matter of trust
+        return []

@@ -21,6 +21,7 @@ import torch
 
 from transferlab.backbones.registry import Backbone, get_source
 from transferlab.errors import WeightsError
+from transferlab.files import why_torch_file_unreadable
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,8 @@ def read_weights_file(path: str | os.PathLike, trust_file: bool = False) -> dict
     file = Path(path).expanduser()
     if not file.is_file():
         raise WeightsError(f"backbone.weights: no such file: {file}")
+    if file.stat().st_size == 0:
+        raise WeightsError(f"backbone.weights={file} is empty (0 bytes): its save or copy never wrote it")
     if file.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -71,12 +74,14 @@ def read_weights_file(path: str | os.PathLike, trust_file: bool = False) -> dict
     try:
         obj = torch.load(file, map_location="cpu", weights_only=not trust_file)
     except Exception as err:
-        if trust_file:
-            raise WeightsError(f"backbone.weights: cannot read {file}: {err}") from err
-        raise WeightsError(
-            f"backbone.weights: cannot read {file} safely (weights_only=True): {err}\n"
-            "If you trust this file, set backbone.trust_file=true to load it with full unpickling."
-        ) from err
+        why = why_torch_file_unreadable(
+            file,
+            err,
+            trust_file,
+            "backbone.trust_file",
+            "a state_dict or checkpoint (.pth, .ckpt, .safetensors)",
+        )
+        raise WeightsError(f"backbone.weights={file} {why}") from err
     return _unwrap_state_dict(obj, file)
 
 
