@@ -84,6 +84,10 @@ def test_images_above_max_image_pixels_fail_without_being_decoded(tmp_path, chec
     assert status == 2 and not read_csv(out / "predictions.csv")[1:]
     reasons = [reason for _, reason in read_csv(out / "predict_errors.csv")[1:]]
     assert len(reasons) == len(list(test_images[0].parent.glob("*.png"))) and "1000" in reasons[0]
+    # under half the image: PIL refuses it when opening, and names twice the limit; the reason names ours
+    status, out = predict(tmp_path, f"ckpt_path={checkpoint}", inputs, "max_image_pixels=100", name="tiny")
+    [reason, *_] = [reason for _, reason in read_csv(out / "predict_errors.csv")[1:]]
+    assert status == 2 and reason.startswith("too large (1600 pixels > max_image_pixels=100)"), reason
     status, out = predict(tmp_path, f"ckpt_path={checkpoint}", inputs, "max_image_pixels=1600", name="fits")
     assert status == 0
 

@@ -8,6 +8,7 @@ grey values are scaled to 0-255 (PIL's conversion clips them at 255).
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,7 +119,7 @@ def check_image(path: Path, full: bool = False, max_pixels: int = PIL_MAX_PIXELS
         if decode:
             _decode_fully(path)
     except Image.DecompressionBombError as err:
-        return ImageCheck(path, problem=f"too large ({err}); raise data.max_image_pixels if you trust it")
+        return ImageCheck(path, problem=refused_by_pil(err, max_pixels))
     except UnidentifiedImageError:
         empty = os.path.getsize(path) == 0
         return ImageCheck(
@@ -133,10 +134,20 @@ def check_image(path: Path, full: bool = False, max_pixels: int = PIL_MAX_PIXELS
 
 def too_large(width: int, height: int, max_pixels: int, key: str = "data.max_image_pixels") -> str | None:
     """Why an image of this size is refused from its header (None: it is not): over `max_pixels`, the
-    value of setting `key`. PIL itself refuses only above twice its limit."""
+    value of setting `key`. PIL itself refuses only above twice its limit (`refused_by_pil`)."""
     if width * height <= max_pixels:
         return None
-    return (
-        f"too large ({width}x{height} = {width * height} pixels > {key}={max_pixels}); "
-        f"raise {key} if you trust the file"
-    )
+    return _too_large(f"{width}x{height} = {width * height} pixels", max_pixels, key)
+
+
+def refused_by_pil(
+    err: Image.DecompressionBombError, max_pixels: int, key: str = "data.max_image_pixels"
+) -> str:
+    """PIL's own refusal, raised when the file is opened (above twice its limit), before `too_large` can
+    read the size: the same message, with the user's limit (PIL's names twice it)."""
+    found = re.search(r"\((\d+) pixels\)", str(err))
+    return _too_large(f"{found[1]} pixels" if found else "over twice the limit", max_pixels, key)
+
+
+def _too_large(size: str, max_pixels: int, key: str) -> str:
+    return f"too large ({size} > {key}={max_pixels}); raise {key} if you trust the file"

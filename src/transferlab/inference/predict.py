@@ -26,7 +26,7 @@ from torchvision.transforms import v2
 from transferlab.config.parse import parse_tool_config
 from transferlab.config.schema import PIL_MAX_PIXELS, PredictConfig
 from transferlab.data.datamodule import resolve_num_workers
-from transferlab.data.images import is_image_name, set_pixel_limit, to_rgb, too_large
+from transferlab.data.images import is_image_name, refused_by_pil, set_pixel_limit, to_rgb, too_large
 from transferlab.data.transforms import Preprocessing, eval_transform, interpolation_mode, normalize
 from transferlab.errors import ConfigError, DataError
 from transferlab.files import atomic_write, write_json
@@ -113,7 +113,11 @@ class TooLarge(ValueError):
 def read_image(path: Path, max_pixels: int = PIL_MAX_PIXELS) -> Image.Image:
     """As training reads: EXIF orientation, any mode to 8-bit RGB (`images.to_rgb`); an image over
     `max_pixels` is refused before it is decoded, as training's scan refuses it."""
-    with Image.open(path) as image:
+    try:
+        image = Image.open(path)
+    except Image.DecompressionBombError as err:
+        raise TooLarge(refused_by_pil(err, max_pixels, key="max_image_pixels")) from err
+    with image:
         if problem := too_large(*image.size, max_pixels, key="max_image_pixels"):
             raise TooLarge(problem)
         return to_rgb(image)
