@@ -58,3 +58,21 @@ def test_runs_from_anywhere_and_writes_nothing(tmp_path, monkeypatch, capsys):
     assert main(["data=imagefolder", f"data.root={tmp_path / 'data'}"]) == 1
     assert "train/b/cut.png" in capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no run directory, no log
+
+
+def test_what_train_refuses_before_its_data_check_refuses_too(tmp_path, capsys):
+    """A sweep's settings without -m, and a callback's bad value (which train reports as a ConfigError,
+    not as Hydra's InstantiationException)."""
+    for overrides, message in [
+        (["hparams_search=optuna"], "hparams_search=optuna runs a sweep: add -m"),
+        (["hydra/launcher=slurm"], "hydra/launcher=slurm launches the jobs of a sweep: add -m"),
+        (["callbacks.progress.mode=fancy"], "callbacks.progress.mode='fancy' is not valid; choose one of"),
+    ]:
+        assert main(["data=digits", *overrides]) == 1
+        assert message in capsys.readouterr().out
+    status = run_tool(
+        "train", "data=digits", "callbacks.progress.mode=fancy", f"hydra.run.dir={tmp_path / 'run'}"
+    )
+    printed = "".join(capsys.readouterr())
+    assert status == 2 and "ConfigError: callbacks.progress.mode='fancy'" in printed
+    assert "InstantiationException" not in printed

@@ -35,7 +35,7 @@ from transferlab.config.schema import (
 )
 from transferlab.data.datamodule import TransferDataModule
 from transferlab.data.transforms import Preprocessing
-from transferlab.errors import ConfigError
+from transferlab.errors import USER_ERRORS, ConfigError
 from transferlab.models.classifier import ImageClassifier
 from transferlab.models.distill import Teacher
 from transferlab.models.heads import pools_feature_map
@@ -207,7 +207,15 @@ def instantiate_group(group: dict[str, Any] | None) -> list[Any]:
     """Each `_target_` entry of a `callbacks/` or `logger/` config, instantiated; None entries dropped."""
     if not group:
         return []
-    built = [instantiate(node) for node in group.values() if isinstance(node, dict) and "_target_" in node]
+    built = []
+    for node in group.values():
+        if isinstance(node, dict) and "_target_" in node:
+            try:
+                built.append(instantiate(node))
+            except InstantiationException as error:  # our factories' refusals, e.g. callbacks.progress.mode
+                if isinstance(error.__cause__, USER_ERRORS):
+                    raise error.__cause__ from None
+                raise
     return [obj for obj in built if obj is not None]
 
 

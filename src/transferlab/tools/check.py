@@ -1,7 +1,8 @@
 """Check data before training: `transferlab check data=imagefolder data.root=/data/skin` (conf/check.yaml).
 
 Takes train.py's overrides and runs a training run's checks, on the same functions and in the same
-order: the config, the backbone and files, Lightning's trainer arguments, the data (scanned and split
+order: a sweep's settings given without -m, the config, the backbone and files, the callbacks and
+Lightning's trainer arguments, the data (scanned and split
 as training would; the report shows what is there and what is wrong), then the model for those
 classes and input size with its pretrained weights. Exits with 1 when training would stop, else 0.
 """
@@ -14,16 +15,21 @@ from transferlab.tools.app import hydra_tool, run_program
 
 
 def run(cfg: DictConfig) -> None:
-    from transferlab.build import build_datamodule, build_trainer, check_run_inputs
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from transferlab.build import build_datamodule, build_trainer, check_run_inputs, instantiate_group
     from transferlab.config import parse_train_config
     from transferlab.data.check import check_data
     from transferlab.errors import USER_ERRORS
+    from transferlab.launch import check_single_run
     from transferlab.training import prepare_model
 
     try:  # the checks of a training run, in its order, on the same functions: the same verdicts
+        check_single_run(OmegaConf.create({"hydra": HydraConfig.get()}))  # a sweep's settings without -m
         config = parse_train_config(cfg)
         check_run_inputs(config)
-        build_trainer(config.trainer, callbacks=[], loggers=[])
+        build_trainer(config.trainer, callbacks=instantiate_group(config.callbacks), loggers=[])
     except USER_ERRORS as err:
         print(f"Error: {err}")
         raise SystemExit(1) from None
