@@ -67,8 +67,9 @@ def test_what_train_refuses_before_its_data_check_refuses_too(tmp_path, capsys):
         (["hparams_search=optuna"], "hparams_search=optuna runs a sweep: add -m"),
         (["hydra/launcher=slurm"], "hydra/launcher=slurm launches the jobs of a sweep: add -m"),
         (["callbacks.progress.mode=fancy"], "callbacks.progress.mode='fancy' is not valid; choose one of"),
+        (["data=from_checkpoint"], "data.name is not set: choose data=<one of: digits, cifar10"),
     ]:
-        assert main(["data=digits", *overrides]) == 1
+        assert main(["data=digits", *overrides]) == 1  # the last data= wins
         assert message in capsys.readouterr().out
     status = run_tool(
         "train", "data=digits", "callbacks.progress.mode=fancy", f"hydra.run.dir={tmp_path / 'run'}"

@@ -300,6 +300,7 @@ def test_help_lists_the_groups_the_tool_composes(capsys):
     assert (
         "backbone: " in printed and "[resnet18]" in printed and "trainer: cpu, ddp, [default], gpu" in printed
     )
+    assert "data: cifar10, [digits], imagefolder, unlabeled\n" in printed  # not eval's from_checkpoint
     assert run_tool("summary", "--help") == 0
     printed = capsys.readouterr().out
     assert "Configuration groups" not in printed and "sweep_dir: ???" in printed

@@ -33,6 +33,11 @@ def schema_for(group: str, values: Mapping[str, Any]) -> type:
     if group == "optim" and _optimizer_class(value) is not None:
         return s.OptimConfig  # another torch optimizer: our keys, its own arguments in optim.extra
     valid = [*by_value, *ALIASES.get(group, {})]
+    if group == "data" and value is None:  # data=from_checkpoint: keys to override, no data of its own
+        raise ConfigError(
+            "data.name is not set: choose data=<one of: " + ", ".join(valid) + "> (data=from_checkpoint, a "
+            "checkpoint's own data, is for eval, export, optimize and analyze)"
+        )
     if group == "optim":
         valid.append("or any importable torch.optim.Optimizer class (optim=custom)")
     raise ConfigError(f"{group}.{key}={value!r} is not valid; choose one of: {', '.join(valid)}")

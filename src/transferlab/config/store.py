@@ -67,6 +67,9 @@ DISCRIMINATORS = {"head": "_target_", "optim": "_target_"}  # the others: `name`
 ALIASES = {"freeze": {"none": "full", "backbone": "linear_probe"}}  # the first release's names
 
 
+CHECKPOINT_DATA = "from_checkpoint"  # data= of eval, export, optimize, analyze: the checkpoint's own data
+
+
 def _data_overrides() -> type:
     """eval.py's `data` node: every key of every data schema, unset (null). What is set replaces the
     checkpoint's own data config; the keys come from the schemas, so this list is never kept by hand."""
@@ -92,6 +95,8 @@ def tool_groups(choices: Any) -> str:
         if group.startswith(("hydra", "schema")) or "@" in group:
             continue
         options = sorted(loader.get_group_options(group))
+        if choice != CHECKPOINT_DATA:  # the after-training tools' data node: no data of its own to train on
+            options = [option for option in options if option != CHECKPOINT_DATA]
         lines.append(f"{group}: " + ", ".join(f"[{o}]" if o == choice else o for o in options))
     if not lines:
         return ""
@@ -129,7 +134,7 @@ def register_configs() -> None:
     store.store(group="schema", name="export", node=s.ExportConfig)
     store.store(group="schema", name="optimize", node=s.OptimizeConfig)
     store.store(group="schema", name="analyze", node=s.AnalyzeConfig)
-    store.store(group="data", name="from_checkpoint", node=_data_overrides())
+    store.store(group="data", name=CHECKPOINT_DATA, node=_data_overrides())
     register_resolvers()
 
 
