@@ -277,6 +277,10 @@ def test_an_unknown_nested_key_is_named_with_its_path_and_its_sections_keys():
             lambda: s.PredictConfig(model_path="m.onnx", inputs="d", trust_checkpoint=True),
             "trust_checkpoint is read only with ckpt_path",
         ),
+        (
+            lambda: s.PredictConfig(model_path="m.pt", inputs="d", trust_checkpoint=True),
+            "trust_checkpoint is read only with ckpt_path",
+        ),
     ],
 )
 def test_keys_that_nothing_would_read_are_refused(make, message):

@@ -215,7 +215,13 @@ def test_a_resumed_run_refuses_a_folder_that_changed_since_it_started(tmp_path):
 
 
 def test_training_only_data_keys_are_refused(run: Run, tmp_path):
-    for key in ("data.imbalance=sampler", "data.allow_hflip=false", "data.min_crop_scale=0.9"):
+    training_only = (
+        "imbalance=sampler",
+        "allow_hflip=false",
+        "min_crop_scale=0.9",
+        "min_batches_per_epoch=50",
+    )
+    for key in (f"data.{setting}" for setting in training_only):
         result = evaluate(run.ckpt, tmp_path / key.split("=")[0], key)
         assert result.status == 2
         assert f"{key.split('=')[0]} is not read here: it shapes training only" in result.log

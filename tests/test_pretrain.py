@@ -166,6 +166,18 @@ def pretrain_config(tmp_path: Path, *overrides: str):
     return parse_pretrain_config(composed)
 
 
+def test_a_corruption_setting_typed_for_another_corruption_is_refused(tmp_path, capsys):
+    overrides = [
+        *TINY,
+        f"data.root={tmp_path}",
+        "autoencoder.noise_std=0.3",
+        f"hydra.run.dir={tmp_path / 'r'}",
+    ]
+    status = run_tool("pretrain", *overrides)
+    message = "autoencoder.noise_std is read only with autoencoder.corruption=noise (corruption=none)"
+    assert status == 2 and message in "".join(capsys.readouterr())
+
+
 def test_a_folder_without_images_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     (tmp_path / "empty" / "sub" / "readme.txt").write_text("x")

@@ -74,7 +74,8 @@ def eval_data_config(checkpoint: dict[str, Any], overrides: dict[str, Any] | Non
 
 
 PREPROCESSING_KEYS = ("image_size", "mean", "std", "interpolation")
-TRAINING_ONLY_KEYS = ("imbalance", "allow_hflip", "min_crop_scale")  # the loss, the sampler, augmentation
+# the loss, the sampler, augmentation, the training loader's passes per epoch
+TRAINING_ONLY_KEYS = ("imbalance", "allow_hflip", "min_crop_scale", "min_batches_per_epoch")
 
 
 def eval_preprocessing(checkpoint: dict[str, Any], data: DataConfig, typed: list[str]) -> Preprocessing:

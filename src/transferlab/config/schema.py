@@ -879,6 +879,13 @@ class AutoencoderConfig:
 
     def __post_init__(self) -> None:
         check_choice(self.corruption, "autoencoder.corruption", CORRUPTIONS)
+        for key, corruption in (("noise_std", "noise"), ("mask_ratio", "mask"), ("mask_patch", "mask")):
+            # typed only: a checkpoint saved before this check may hold such a value, and must still load
+            if self.corruption != corruption and typed_under(f"autoencoder.{key}"):
+                raise ConfigError(
+                    f"autoencoder.{key} is read only with autoencoder.corruption={corruption} "
+                    f"(corruption={self.corruption})"
+                )
         if self.noise_std <= 0:
             raise ConfigError(f"autoencoder.noise_std={self.noise_std} must be > 0")
         if not 0 < self.mask_ratio < 1:
@@ -1005,12 +1012,14 @@ class PredictConfig:
             raise ConfigError("give one of ckpt_path=<checkpoint> or model_path=<exported model file>")
         check_int(self.top_k, "top_k", 1)
         check_int(self.max_image_pixels, "max_image_pixels", 1)
-        if self.model_path is not None and str(self.model_path).endswith(".onnx"):
-            for key in ("device", "trust_checkpoint"):  # ONNX Runtime runs on the CPU; no checkpoint is read
-                if is_set(self, key):
-                    raise ConfigError(
-                        f"{key} is read only with ckpt_path or a TorchScript model_path (model_path is ONNX)"
-                    )
+        if self.model_path is not None and is_set(self, "trust_checkpoint"):  # no checkpoint is read
+            raise ConfigError(
+                "trust_checkpoint is read only with ckpt_path (model_path is an exported model)"
+            )
+        if self.model_path is not None and str(self.model_path).endswith(".onnx") and is_set(self, "device"):
+            raise ConfigError(  # ONNX Runtime runs on the CPU
+                "device is read only with ckpt_path or a TorchScript model_path (model_path is ONNX)"
+            )
         check_int(self.batch_size, "batch_size", 1)
         check_choice(self.tta, "tta", TTA_MODES)
         check_choice(self.device, "device", DEVICES)
