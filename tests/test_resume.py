@@ -131,6 +131,8 @@ def test_resume_takes_the_saved_config_and_only_extends_epochs(tmp_path):
         resume_config(typed, [f"resume={run_dir}", "optim.lr=0.5"])
     with pytest.raises(ConfigError, match=r"not a run directory \(no .hydra/config.yaml\)"):
         resume_config(compose_config([f"resume={tmp_path}"], tmp_path), [])
+    with pytest.raises(ConfigError, match=r"resume=.*/gone: no such directory"):
+        resume_config(compose_config([f"resume={tmp_path / 'gone'}"], tmp_path), [])
     (tmp_path / ".hydra").mkdir()
     (tmp_path / ".hydra" / "config.yaml").write_text("{}")
     with pytest.raises(ConfigError, match="no checkpoints/last.ckpt"):

@@ -385,8 +385,8 @@ def choose_split(
     if (lists / "summary.json").is_file():
         made = sorted(p.stem for p in lists.glob("*.txt"))
         raise ConfigError(
-            f"split={split}: the checkpoint's run had no {split} split ({lists} lists {', '.join(made)}): "
-            f"choose one of those, e.g. split={made[-1] if made else 'val'}"
+            f"the checkpoint's run had no {split} split ({lists} lists {', '.join(made)}): choose one of "
+            f"those for this tool's split setting, e.g. {made[-1] if made else 'val'}"
         )
     return _remade_folder_split(checkpoint, ckpt_path, data, split, lists)
 

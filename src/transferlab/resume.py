@@ -32,6 +32,10 @@ RESUME_OVERRIDES = ("resume", "trainer.max_epochs")
 def check_resumable(run_dir: str | Path) -> Path:
     """The run's last.ckpt; ConfigError naming what is missing otherwise."""
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError(
+            f"resume={run_dir}: no such directory (give the run's directory, e.g. outputs/runs/<run>)"
+        )
     if not (run_dir / ".hydra" / "config.yaml").is_file():
         raise ConfigError(f"resume={run_dir}: not a run directory (no .hydra/config.yaml)")
     ckpt = last_checkpoint(run_dir)

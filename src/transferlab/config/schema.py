@@ -1047,7 +1047,7 @@ class ExportConfig:
         if self.format != "onnx" and is_set(self, "opset"):
             raise ConfigError(f"opset is read only with format=onnx (format={self.format})")
         check_int(self.parity_images, "parity_images", 1, optional=True)
-        check_range(self.parity_atol, "parity_atol", 0.0, float("inf"), ">= 0")
+        check_range(self.parity_atol, "parity_atol", 0.0, float("inf"), "[0, inf)")
         check_seed(self.seed, "seed")
 
 

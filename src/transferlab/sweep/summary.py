@@ -121,7 +121,10 @@ def write_summary(
         raise SystemExit(f"Error: {sweep_dir}: no such sweep directory")
     jobs = find_jobs(sweep_dir)
     if not jobs:
-        raise SystemExit(f"Error: {sweep_dir} holds no job directories (folders with .hydra/)")
+        single = (
+            " (it is a single run: its metrics.json is its result)" if (sweep_dir / ".hydra").is_dir() else ""
+        )
+        raise SystemExit(f"Error: {sweep_dir} holds no job directories (folders with .hydra/){single}")
     first = next((j for j in jobs if j.optimized_metric), jobs[0])
     metric = metric or first.optimized_metric or TrainConfig.optimized_metric
     mode = mode or metric_direction(metric)  # training refuses an optimized_mode that contradicts it
