@@ -74,6 +74,7 @@ def test_a_folder_mixing_good_and_bad_files(tmp_path, checkpoint, test_images):
     assert errors[0] == ["path", "reason"]
     reasons = dict(errors[1:])
     assert sorted(reasons) == sorted(str(folder / n) for n in ("notes.jpg", "empty.png", "cut.png"))
+    assert reasons.pop(str(folder / "empty.png")) == "empty file (0 bytes)"
     assert all(reason.startswith("not a readable image (") for reason in reasons.values())
 
 

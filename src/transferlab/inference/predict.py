@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
@@ -142,10 +142,12 @@ class PredictImages(Dataset):
         try:
             return index, self.views(read_image(self.paths[index], self.max_pixels)), None
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-            return index, None, _reason(err)
+            return index, None, _reason(err, self.paths[index])
 
 
-def _reason(err: BaseException) -> str:
+def _reason(err: BaseException, path: Path) -> str:
+    if isinstance(err, UnidentifiedImageError) and path.is_file() and path.stat().st_size == 0:
+        return "empty file (0 bytes)"  # as the training scan says it
     if isinstance(err, FileNotFoundError):
         return "no such file"
     if isinstance(err, PermissionError):
