@@ -299,6 +299,7 @@ def test_help_lists_the_groups_the_tool_composes(capsys):
     groups = printed.split("== Configuration groups ==")[1].split("== Config ==")[0]
     assert {line.split(":")[0] for line in groups.splitlines() if ": " in line} == {"data", "paths"}
     assert "[from_checkpoint]" in groups and "method: quantize" in printed
+    assert printed.startswith("A smaller, faster model: `transferlab optimize")  # the tool's docstring
     assert run_tool("train", "--help") == 0
     printed = capsys.readouterr().out
     assert (

@@ -80,6 +80,18 @@ def _data_overrides() -> type:
 _RUN_UID = secrets.token_hex(3)  # one per process: two runs started in the same second get two directories
 
 
+def tool_summary(tool: str) -> str:
+    """`${tool_summary:${hydra.job.name}}` (conf/hydra/help/groups.yaml): the first paragraph of the tool
+    module's docstring, --help's first lines (the README has the rest)."""
+    import importlib
+
+    try:
+        doc = importlib.import_module(f"transferlab.tools.{tool}").__doc__ or ""
+    except ImportError:  # a script of the user's own composing our configs
+        return ""
+    return doc.strip().split("\n\n")[0]
+
+
 def tool_groups(choices: Any) -> str:
     """`${tool_groups:${hydra.runtime.choices}}` (conf/hydra/help/groups.yaml): --help's section on the
     config groups the tool's defaults list composed, a line each with the options Hydra finds for it, the
@@ -114,6 +126,7 @@ def register_resolvers() -> None:
         "if_set": lambda value, then, other: then if value else other,
         "metric_mode": s.metric_direction,
         "tool_groups": tool_groups,
+        "tool_summary": tool_summary,
     }
     for name, resolver in resolvers.items():
         OmegaConf.register_new_resolver(name, resolver, replace=True)
