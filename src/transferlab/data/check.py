@@ -53,7 +53,10 @@ def scan_report(scan: FolderScan) -> str:
         lines.append(f"Class folders in {split} that train lacks: {', '.join(extra)}")
     if scan.ignored:
         shown = ", ".join(_relative(scan, p) for p in scan.ignored[:5])
-        lines.append(f"Ignored (not images by extension, or sub-folders): {len(scan.ignored)}, e.g. {shown}")
+        lines.append(
+            "Ignored (not images by extension, sub-folders of a class, or files outside the class folders): "
+            f"{len(scan.ignored)}, e.g. {shown}"
+        )
     if scan.bad:
         lines.append(f"Bad files ({len(scan.bad)}):")
         lines += [f"  {_relative(scan, f.path)}: {f.problem}" for f in scan.bad]
