@@ -98,12 +98,14 @@ def test_probabilities_equal_the_checkpoints_test_time_outputs(tmp_path, checkpo
         tmp_path,
         f"ckpt_path={checkpoint}",
         f"inputs={test_images[0].parents[1]}",
-        "top_k=3",
+        "top_k=5",  # more than the 3 classes: all 3 are listed, and the log says so
         "write_json=true",
     )
     assert status == 0
     assert not (out / "predict_errors.csv").exists()
     rows = json.loads((out / "predictions.json").read_text())
+    assert {len(row["top_k"]) for row in rows} == {3}
+    assert "top_k=5: the model has 3 classes; every one is listed" in (out / "predict.log").read_text()
     assert [row["path"] for row in rows] == [str(p) for p in test_images]
     expected = expected_probabilities(checkpoint, test_images)
     names = ["cat", "dog", "fox"]

@@ -244,6 +244,8 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     card = predictor.card
     check_tta(card, config.tta, config.ckpt_path or config.model_path)
     top_k = min(config.top_k, len(card.class_names))
+    if top_k < config.top_k:
+        log.warning("top_k=%d: the model has %d classes; every one is listed", config.top_k, top_k)
     loader = DataLoader(
         PredictImages(paths, tta_views(card.prep, config.tta), config.max_image_pixels),
         batch_size=config.batch_size,
