@@ -264,3 +264,28 @@ def test_a_bug_in_a_loader_worker_is_told_as_the_original_error():
         r"tests/test_hostile_env.py:\d+ in test_a_bug_in_a_loader_worker_is_told_as_the_original_error\)",
         describe(raised.value),
     )
+
+
+@pytest.mark.parametrize("earlier", ["failed", "finished"])
+def test_a_failure_before_the_job_begins_keeps_a_finished_run_and_records_a_failed_ones(tmp_path, earlier):
+    """run_job: a finished run (metrics.json) refused before its job begins keeps its outcome, no
+    error.txt; an earlier failed attempt (a SLURM requeue, a resume after a crash) gets this attempt's
+    error.txt, its own kept aside."""
+    from omegaconf import OmegaConf
+
+    from transferlab.training import run_job
+
+    outcome = {"failed": "error.txt", "finished": "metrics.json"}[earlier]
+    (tmp_path / outcome).write_text("the earlier attempt's")
+
+    def refused_before_begin(output_dir, begin):
+        raise ConfigError("data.root=/gone: no such folder")
+
+    with pytest.raises(ConfigError):
+        run_job(OmegaConf.create({"paths": {"output_dir": str(tmp_path)}}), refused_before_begin)
+    if earlier == "finished":
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
+    else:
+        assert "data.root=/gone" in (tmp_path / "error.txt").read_text()
+        [kept] = tmp_path.glob("error.*.txt")
+        assert kept.read_text() == "the earlier attempt's"

@@ -176,6 +176,14 @@ def test_a_corruption_setting_typed_for_another_corruption_is_refused(tmp_path, 
     status = run_tool("pretrain", *overrides)
     message = "autoencoder.noise_std is read only with autoencoder.corruption=noise (corruption=none)"
     assert status == 2 and message in "".join(capsys.readouterr())
+    # with its corruption the key is read: the run gets past the config (and stops at the empty folder)
+    for typed in (
+        ["autoencoder.corruption=noise", "autoencoder.noise_std=0.3"],
+        ["autoencoder.corruption=mask", "autoencoder.mask_ratio=0.6"],
+    ):
+        overrides = [*TINY, f"data.root={tmp_path}", *typed, f"hydra.run.dir={tmp_path / typed[0][-4:]}"]
+        assert run_tool("pretrain", *overrides) == 2
+        assert "holds no image files" in "".join(capsys.readouterr())
 
 
 def test_a_folder_without_images_is_a_clear_error(tmp_path, capsys):

@@ -54,7 +54,7 @@ from transferlab.inference.predictors import open_exported, resolve_device
 from transferlab.models.classifier import ImageClassifier
 from transferlab.models.losses import loss_from_hyperparameters
 from transferlab.models.metrics import classification_metrics, per_class_metrics
-from transferlab.runtime import command_line_overrides
+from transferlab.runtime import command_line_overrides, override_key
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def eval_preprocessing(checkpoint: dict[str, Any], data: DataConfig, typed: list
 
 def typed_data_keys(typed: list[str]) -> set[str]:
     """The data keys among the overrides typed for this evaluation: `data.split_seed=1` -> split_seed."""
-    keys = (o.split("=", 1)[0].lstrip("+~") for o in typed)
+    keys = map(override_key, typed)
     return {key.removeprefix("data.") for key in keys if key.startswith("data.")}
 
 

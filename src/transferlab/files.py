@@ -125,16 +125,16 @@ def save_traceback(directory: str | os.PathLike, error: BaseException) -> Path |
 
 
 def leave_run_as_it_was(error: BaseException, directory: str | os.PathLike) -> None:
-    """Mark `error`, which stopped an attempt before it began in a run directory holding an earlier
-    attempt's outcome (a refused resume=): its traceback is not saved there, where an error.txt would
-    make a finished run look failed."""
+    """Mark `error`, which stopped an attempt before it began in a finished run's directory (a refused
+    resume=): its traceback is not saved there, where an error.txt would make the run look failed."""
     _add_note(
-        error, f"{_UNSAVED_NOTE}{directory} (an earlier attempt's outcome is there; this one never began)"
+        error,
+        f"{_UNSAVED_NOTE}{directory}: the finished run keeps its metrics.json (this attempt never began)",
     )
 
 
 _SAVED_NOTE = "The traceback is saved in "
-_UNSAVED_NOTE = "Nothing was written to "
+_UNSAVED_NOTE = "No error.txt was written to "
 
 
 def _notes(error: BaseException) -> list[str]:

@@ -21,7 +21,7 @@ from transferlab.checkpoints import (
     read_checkpoint,
 )
 from transferlab.errors import ConfigError
-from transferlab.runtime import is_slurm_requeue
+from transferlab.runtime import is_slurm_requeue, override_key
 
 log = logging.getLogger(__name__)
 
@@ -71,13 +71,9 @@ def check_epochs_left(ckpt_path: str | Path, max_epochs: int, key: str) -> None:
         )
 
 
-def _override_key(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~")
-
-
 def check_resume_overrides(run_dir: str | Path, overrides: list[str]) -> None:
     """Only RESUME_OVERRIDES may come with resume=: anything else would make it another run."""
-    refused = [o for o in overrides if _override_key(o) not in RESUME_OVERRIDES]
+    refused = [o for o in overrides if override_key(o) not in RESUME_OVERRIDES]
     if refused:
         raise ConfigError(
             f"resume={run_dir} continues that run with its saved config; {' '.join(refused)} cannot be "
@@ -102,7 +98,7 @@ def resume_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
         if "init_from" in saved:  # train's key (not pretrain's): where the run started from, e.g. a
             saved.init_from = None  # pruned network; its last.ckpt holds that network now
         saved.paths.output_dir = str(run_dir)
-        if any(_override_key(o) == "trainer.max_epochs" for o in overrides):
+        if any(override_key(o) == "trainer.max_epochs" for o in overrides):
             saved.trainer.max_epochs = cfg.trainer.max_epochs
     log.info("Resuming %s from %s", run_dir, ckpt)
     return saved

@@ -33,6 +33,11 @@ def is_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+def override_key(override: str) -> str:
+    """The key an override sets: `+data.root=/x` -> data.root, `~logger` -> logger."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
 def command_line_overrides() -> list[str]:
     """The task overrides typed for this Hydra run (empty outside Hydra)."""
     from hydra.core.hydra_config import HydraConfig

@@ -198,8 +198,9 @@ def run_job(cfg: DictConfig, job: Callable[[Path, Callable[[], None]], dict[str,
     """`job(output_dir, begin)` with what every run keeps: any failure's traceback in error.txt, and SIGTERM
     reported as a failure (`train`). The job calls `begin()` once its checks (config, resume point) have
     passed: an earlier attempt's error.txt and metrics.json are put aside then. A failure before that in
-    a directory holding an earlier attempt's outcome leaves the directory as it was: a refused resume= of
-    a finished run must not turn it into a failed one."""
+    a finished run (its metrics.json there) writes no error.txt: a refused resume= must not turn it into
+    a failed one. An earlier attempt that failed (a SLURM requeue, a resume after a crash) gets this
+    attempt's error.txt, its own kept aside."""
     output_dir = Path(cfg.paths.output_dir)
     begun = False
 
@@ -213,7 +214,7 @@ def run_job(cfg: DictConfig, job: Callable[[Path, Callable[[], None]], dict[str,
     try:
         return job(output_dir, begin)
     except BaseException as error:
-        if not begun and any((output_dir / name).exists() for name in (ERROR_FILE, METRICS_FILE)):
+        if not begun and (output_dir / METRICS_FILE).exists():  # a finished run, resumed: refused
             leave_run_as_it_was(error, output_dir)  # the tool saves no error.txt there either
         elif rank_zero_only.rank == 0:
             # the run directory stays readable: config, logs, checkpoints, the error; on a full disk it

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 from omegaconf import MISSING
 
 from transferlab.errors import ConfigError
-from transferlab.runtime import command_line_overrides
+from transferlab.runtime import command_line_overrides, override_key
 
 INTERPOLATIONS = ("nearest", "nearest-exact", "bilinear", "bicubic", "box", "hamming", "lanczos")
 SPLITS = ("train", "val", "test")
@@ -84,7 +84,7 @@ def is_set(node: Any, key: str, schema: type | None = None) -> bool:
 def typed_under(group: str) -> bool:
     """A key of `group` was typed on the command line (`prune.amount=0.5`, `+simclr.x=1`): set by the
     user even when the value is the default, which `is_set` cannot tell."""
-    keys = (override.split("=", 1)[0].lstrip("+~") for override in command_line_overrides())
+    keys = map(override_key, command_line_overrides())
     return any(key == group or key.startswith(f"{group}.") for key in keys)
 
 
@@ -879,13 +879,6 @@ class AutoencoderConfig:
 
     def __post_init__(self) -> None:
         check_choice(self.corruption, "autoencoder.corruption", CORRUPTIONS)
-        for key, corruption in (("noise_std", "noise"), ("mask_ratio", "mask"), ("mask_patch", "mask")):
-            # typed only: a checkpoint saved before this check may hold such a value, and must still load
-            if self.corruption != corruption and typed_under(f"autoencoder.{key}"):
-                raise ConfigError(
-                    f"autoencoder.{key} is read only with autoencoder.corruption={corruption} "
-                    f"(corruption={self.corruption})"
-                )
         if self.noise_std <= 0:
             raise ConfigError(f"autoencoder.noise_std={self.noise_std} must be > 0")
         if not 0 < self.mask_ratio < 1:
@@ -955,11 +948,23 @@ class PretrainConfig:
         for name in PRETRAIN_METHODS:
             if self.method != name and (is_set(self, name) or typed_under(name)):
                 raise ConfigError(f"{name}.* is read only with method={name} (method={self.method})")
+        if self.method == "autoencoder":  # here, not in AutoencoderConfig: its default is built first
+            self._check_corruption_keys()
         if (self.optimized_metric, self.optimized_mode) != ("val/loss", "min"):
             raise ConfigError(
                 f"optimized_metric={self.optimized_metric} / optimized_mode={self.optimized_mode}: pretraining "
                 "logs val/loss only (lower is better); leave both unset"
             )
+
+    def _check_corruption_keys(self) -> None:
+        """A corruption's setting typed for another corruption would not be read. Typed only: a checkpoint
+        saved before this check may hold such a value, and must still load."""
+        corruption = self.autoencoder.corruption
+        for key, reads in (("noise_std", "noise"), ("mask_ratio", "mask"), ("mask_patch", "mask")):
+            if corruption != reads and typed_under(f"autoencoder.{key}"):
+                raise ConfigError(
+                    f"autoencoder.{key} is read only with autoencoder.corruption={reads} (corruption={corruption})"
+                )
 
     @property
     def method_config(self) -> AutoencoderConfig | SimCLRConfig:

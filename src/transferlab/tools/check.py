@@ -23,10 +23,12 @@ def run(cfg: DictConfig) -> None:
     from transferlab.data.check import check_data
     from transferlab.errors import USER_ERRORS
     from transferlab.launch import check_single_run
+    from transferlab.runtime import is_multirun
     from transferlab.training import prepare_model
 
     try:  # the checks of a training run, in its order, on the same functions: the same verdicts
-        check_single_run(OmegaConf.create({"hydra": HydraConfig.get()}))  # a sweep's settings without -m
+        if not is_multirun():  # a sweep's settings without -m (check -m checks each job's config)
+            check_single_run(OmegaConf.create({"hydra": HydraConfig.get()}))
         config = parse_train_config(cfg)
         check_run_inputs(config)
         build_trainer(config.trainer, callbacks=instantiate_group(config.callbacks), loggers=[])
