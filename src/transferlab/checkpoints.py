@@ -59,6 +59,11 @@ def check_is_file(file: str | Path, key: str) -> None:
 
 def _check_is_ours(file: Path, checkpoint: Any, key: str, pretraining: bool = False) -> None:
     """A torch file that is not our Lightning checkpoint: say what it is instead."""
+    if isinstance(checkpoint, torch.jit.ScriptModule):  # torch.load with full unpickling opens TorchScript
+        raise ConfigError(
+            f"{key}={file} is a TorchScript model (export format=torchscript), not a checkpoint; eval and "
+            "predict take it as model_path="
+        )
     if not isinstance(checkpoint, dict):
         raise ConfigError(f"{key}={file} holds a {type(checkpoint).__name__}, not a checkpoint")
     if "state_dict" not in checkpoint:
