@@ -126,5 +126,7 @@ def test_summary_sorts_by_the_sweeps_metric_and_lists_failed_and_unfinished_jobs
 
 def test_summary_of_a_single_run_says_it_is_one(tmp_path):
     (tmp_path / ".hydra").mkdir()
-    with pytest.raises(SystemExit, match=r"holds no job directories .*\(it is a single run: its metrics.json"):
+    with pytest.raises(
+        SystemExit, match=r"holds no job directories .*\(it is a single run: its metrics.json"
+    ):
         write_summary(tmp_path)
