@@ -210,8 +210,9 @@ def check_job_directories(config: DictConfig) -> None:
         )
 
 
-def check_no_chdir(config: DictConfig) -> None:
-    if config.hydra.job.chdir:
+def check_no_chdir(hydra: DictConfig) -> None:
+    """`hydra`: the run's hydra node."""
+    if hydra.job.chdir:
         raise ConfigError(
             "hydra.job.chdir=true is not supported: data.root, ckpt_path and weight files given relative "
             "to where you start the command would be looked up in the run directory. Leave it false"
@@ -222,7 +223,7 @@ def check_sweep_launch(config: DictConfig) -> None:
     """The checks a sweep gets before its first job: its job directories, no chdir, SLURM resources, or
     no Lightning-started processes."""
     check_job_directories(config)
-    check_no_chdir(config)
+    check_no_chdir(config.hydra)
     if config.hydra.launcher["_target_"] == SLURM_LAUNCHER:
         check_submitit_resources(config)
     else:  # jobs run here (basic) or one process each (submitit_local): Lightning would re-run the sweep
@@ -259,17 +260,18 @@ def check_submitit_resources(config: DictConfig) -> None:
         )
 
 
-def check_single_run(config: DictConfig) -> None:
+def check_single_run(hydra: DictConfig) -> None:
     """A sweeper or launcher chosen for a run without -m would be ignored by Hydra: the run would
-    happen here, once, as if they had not been asked for."""
-    choices = config.hydra.runtime.choices
-    check_no_chdir(config)
-    if config.hydra.sweeper["_target_"] != BASIC_SWEEPER:
+    happen here, once, as if they had not been asked for. `hydra`: the run's hydra node (a Hydra
+    callback's `config.hydra`, or `HydraConfig.get()` within a task)."""
+    choices = hydra.runtime.choices
+    check_no_chdir(hydra)
+    if hydra.sweeper["_target_"] != BASIC_SWEEPER:
         raise ConfigError(
             f"hparams_search={choices.get('hparams_search')} runs a sweep: add -m "
             f"(python train.py -m hparams_search={choices.get('hparams_search')} ...)"
         )
-    if config.hydra.launcher["_target_"] != BASIC_LAUNCHER:
+    if hydra.launcher["_target_"] != BASIC_LAUNCHER:
         raise ConfigError(
             f"hydra/launcher={choices.get('hydra/launcher')} launches the jobs of a sweep: add -m "
             "(a sweep of one job is fine), or leave the launcher out to run here"
@@ -283,7 +285,7 @@ class LaunchChecks(HydraCallback):
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
-            check_single_run(config)
+            check_single_run(config.hydra)
         except ConfigError as error:
             raise SystemExit(f"Error: {error}") from None
 

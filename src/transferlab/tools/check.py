@@ -16,7 +16,6 @@ from transferlab.tools.app import hydra_tool, run_program
 
 def run(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
-    from omegaconf import OmegaConf
 
     from transferlab.build import build_datamodule, build_trainer, check_run_inputs, instantiate_group
     from transferlab.config import parse_train_config
@@ -28,7 +27,7 @@ def run(cfg: DictConfig) -> None:
 
     try:  # the checks of a training run, in its order, on the same functions: the same verdicts
         if not is_multirun():  # a sweep's settings without -m (check -m checks each job's config)
-            check_single_run(OmegaConf.create({"hydra": HydraConfig.get()}))
+            check_single_run(HydraConfig.get())
         config = parse_train_config(cfg)
         check_run_inputs(config)
         build_trainer(config.trainer, callbacks=instantiate_group(config.callbacks), loggers=[])
