@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from transferlab.errors import ConfigError, DataError
-from transferlab.files import why_torch_file_unreadable
+from transferlab.files import EMPTY_FILE, why_torch_file_unreadable
 from transferlab.models.classifier import VAL_METRICS_KEY
 
 
@@ -52,9 +52,7 @@ def check_is_file(file: str | Path, key: str) -> None:
     if not file.is_file():
         raise ConfigError(f"{key}={file} is not a regular file")
     if file.stat().st_size == 0:
-        raise ConfigError(
-            f"{key}={file} is empty (0 bytes): its save or copy never wrote it; use another checkpoint"
-        )
+        raise ConfigError(f"{key}={file} {EMPTY_FILE}; use another checkpoint")
 
 
 def _check_is_ours(file: Path, checkpoint: Any, key: str, pretraining: bool = False) -> None:

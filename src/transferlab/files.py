@@ -193,6 +193,7 @@ def _fsync_directory(directory: Path) -> None:
 
 # --- why a torch file cannot be loaded --------------------------------------------------------------------
 
+EMPTY_FILE = "is empty (0 bytes): its save or copy never wrote it"  # a torch file's, wherever it is read
 _ZIP_MAGIC = b"PK"  # torch.save's format since torch 1.6 (Lightning's checkpoints)
 _PICKLE_MAGIC = b"\x80"  # torch.save's legacy format: a pickle (protocol 2 and up)
 _EXPORTED_HINT = "; an exported model.onnx or model.pt is not one: eval and predict take those as model_path="

@@ -21,7 +21,7 @@ import torch
 
 from transferlab.backbones.registry import Backbone, get_source
 from transferlab.errors import WeightsError
-from transferlab.files import why_torch_file_unreadable
+from transferlab.files import EMPTY_FILE, why_torch_file_unreadable
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def read_weights_file(path: str | os.PathLike, trust_file: bool = False) -> dict
     if not file.is_file():
         raise WeightsError(f"backbone.weights: no such file: {file}")
     if file.stat().st_size == 0:
-        raise WeightsError(f"backbone.weights={file} is empty (0 bytes): its save or copy never wrote it")
+        raise WeightsError(f"backbone.weights={file} {EMPTY_FILE}")
     if file.suffix == ".safetensors":
         from safetensors.torch import load_file
 

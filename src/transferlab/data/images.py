@@ -27,6 +27,9 @@ def is_image_name(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
+EMPTY_IMAGE = "empty file (0 bytes)"  # the scan's and predict's word for it
+
+
 def set_pixel_limit(max_pixels: int) -> None:
     """PIL refuses (DecompressionBombError) images over twice this many pixels and warns above it.
 
@@ -122,9 +125,7 @@ def check_image(path: Path, full: bool = False, max_pixels: int = PIL_MAX_PIXELS
         return ImageCheck(path, problem=refused_by_pil(err, max_pixels))
     except UnidentifiedImageError:
         empty = os.path.getsize(path) == 0
-        return ImageCheck(
-            path, problem="empty file (0 bytes)" if empty else "not an image (PIL cannot identify it)"
-        )
+        return ImageCheck(path, problem=EMPTY_IMAGE if empty else "not an image (PIL cannot identify it)")
     except (PermissionError, FileNotFoundError) as err:  # unreadable, vanished, or a broken link
         return ImageCheck(path, problem=f"cannot be opened ({err.strerror})")
     except (OSError, ValueError, SyntaxError, EOFError) as err:  # what PIL raises on damaged files

@@ -26,7 +26,14 @@ from torchvision.transforms import v2
 from transferlab.config.parse import parse_tool_config
 from transferlab.config.schema import PIL_MAX_PIXELS, PredictConfig
 from transferlab.data.datamodule import resolve_num_workers
-from transferlab.data.images import is_image_name, refused_by_pil, set_pixel_limit, to_rgb, too_large
+from transferlab.data.images import (
+    EMPTY_IMAGE,
+    is_image_name,
+    refused_by_pil,
+    set_pixel_limit,
+    to_rgb,
+    too_large,
+)
 from transferlab.data.transforms import Preprocessing, eval_transform, interpolation_mode, normalize
 from transferlab.errors import ConfigError, DataError
 from transferlab.files import atomic_write, write_json
@@ -147,7 +154,7 @@ class PredictImages(Dataset):
 
 def _reason(err: BaseException, path: Path) -> str:
     if isinstance(err, UnidentifiedImageError) and path.is_file() and path.stat().st_size == 0:
-        return "empty file (0 bytes)"  # as the training scan says it
+        return EMPTY_IMAGE  # as the training scan says it
     if isinstance(err, FileNotFoundError):
         return "no such file"
     if isinstance(err, PermissionError):
