@@ -186,8 +186,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit, then evaluate the best checkpoint; writes metrics.json to the run directory and returns it.
 
     Any failure, from config validation on, leaves its traceback in error.txt (sweep summaries list it).
-    A continued run (resume=, a SLURM requeue) first renames the earlier attempt's error.txt and
-    metrics.json (`files.keep_earlier`): kept, but neither is taken for this attempt's outcome.
+    A continued run (resume=, a SLURM requeue) renames the earlier attempt's error.txt and metrics.json
+    (`files.keep_earlier`) once its checks have passed (`run_job`): kept, but neither is taken for this
+    attempt's outcome.
     """
     return run_job(
         cfg, lambda output_dir, begin: _fit_and_evaluate(parse_train_config(cfg), output_dir, begin)
