@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from tests.conftest import run_tool, write_hostile_folder, write_image_folder
+import logging
+
+import pytest
+
+from tests.conftest import compose_config, run_tool, write_hostile_folder, write_image_folder
+from transferlab.build import LIGHTNING_INFO, build_trainer
+from transferlab.config import parse_train_config
 
 
 def main(overrides: list[str]) -> int:
@@ -77,3 +83,27 @@ def test_what_train_refuses_before_its_data_check_refuses_too(tmp_path, capsys):
     printed = "".join(capsys.readouterr())
     assert status == 2 and "ConfigError: callbacks.progress.mode='fancy'" in printed
     assert "InstantiationException" not in printed
+
+
+@pytest.fixture
+def lightning_lines():
+    """The lines Lightning logs (its info logger), as they reach its handler."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger(LIGHTNING_INFO)
+    logger.addHandler(handler)
+    yield lambda: [record.getMessage() for record in records]
+    logger.removeHandler(handler)
+
+
+def test_a_run_logs_no_adverts_and_check_no_device_lines(tmp_path, lightning_lines):
+    """The trainer with the default config: no Lightning "Tip" advert, no line per limit_*_batches
+    setting; check does not list the devices a run would use (it reports the data)."""
+    config = parse_train_config(compose_config([], tmp_path))
+    build_trainer(config.trainer, callbacks=[], loggers=[])
+    lines = lightning_lines()
+    assert any(line.startswith("GPU available") for line in lines)  # the handler sees Lightning's lines
+    assert not [line for line in lines if "Tip" in line or "limit_" in line]
+    assert main(["data=digits"]) == 0
+    assert lightning_lines() == lines  # nothing more

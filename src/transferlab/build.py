@@ -4,6 +4,7 @@ and the benchmarks: the data module, the model, loggers and callbacks, the train
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,18 @@ from transferlab.models.metrics import TOP5_MIN_CLASSES
 from transferlab.resume import check_epochs_left
 
 log = logging.getLogger(__name__)
+LIGHTNING_INFO = "lightning.pytorch"  # the logger of Lightning's info lines (rank_zero_info: devices, ...)
+
+
+class _NoAdverts(logging.Filter):
+    """Lightning's Trainer logs a "Tip" advertising its cloud services (LitLogger, litmodels) in every run
+    that does not use them: nothing a user of this tool can act on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("\N{ELECTRIC LIGHT BULB} Tip")
+
+
+_NO_ADVERTS = _NoAdverts()
 
 
 def check_run_inputs(config: TrainConfig) -> None:
@@ -224,6 +237,9 @@ def build_trainer(trainer: dict[str, Any], callbacks: list[Callback], loggers: l
     if not loggers:  # logger=none: Lightning refuses a LearningRateMonitor with nothing to log to
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     has_bar = any(isinstance(c, ProgressBar) for c in callbacks)
+    logging.getLogger(f"{LIGHTNING_INFO}.utilities.rank_zero").addFilter(_NO_ADVERTS)  # once: same object
+    # Lightning 2.6's own code calls torch's deprecated pytree API (Lightning-AI/pytorch-lightning#21326)
+    warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
     try:
         return instantiate(
             trainer,

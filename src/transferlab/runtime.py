@@ -1,8 +1,12 @@
-"""Facts about the process a run is in: its rank, SLURM, a Hydra multirun, the CPUs it may use."""
+"""Facts about the process a run is in: its rank, SLURM, a Hydra multirun, the CPUs it may use; how much
+the libraries it runs may log."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+from collections.abc import Iterable, Iterator
 
 
 def slurm_run_name() -> str | None:
@@ -53,3 +57,17 @@ def usable_cpu_count() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
         return os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def quiet_loggers(names: Iterable[str], level: int = logging.WARNING) -> Iterator[None]:
+    """These loggers at `level` and above only, for the block (a library's step-by-step info lines)."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(max(logger.getEffectiveLevel(), level))
+    try:
+        yield
+    finally:
+        for logger, saved in zip(loggers, levels, strict=True):
+            logger.setLevel(saved)

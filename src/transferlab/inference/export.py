@@ -12,7 +12,6 @@ renamed <file>.failed, so that nothing deploys it by mistake; model.json and par
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -41,7 +40,7 @@ from transferlab.inference.model import (
     inference_model,
 )
 from transferlab.inference.predictors import Predictor, TorchPredictor, open_exported
-from transferlab.runtime import command_line_overrides
+from transferlab.runtime import command_line_overrides, quiet_loggers
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +186,7 @@ def export_onnx(model: InferenceModel, example: torch.Tensor, path: Path, opset:
     # opset check after the export says it in one line
     level = logging.ERROR if opset < ONNX_FIRST_OPSET else logging.WARNING
     try:
-        with warnings.catch_warnings(), _quiet(EXPORTER_LOGGERS, level):
+        with warnings.catch_warnings(), quiet_loggers(EXPORTER_LOGGERS, level):
             warnings.simplefilter("ignore", FutureWarning)
             program = torch.onnx.export(
                 model,
@@ -242,20 +241,6 @@ def export_torchscript(model: InferenceModel, example: torch.Tensor, path: Path,
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", DEPRECATED_JIT, FutureWarning)
         atomic_write(path, lambda f: torch.jit.save(traced, f))
-
-
-@contextlib.contextmanager
-def _quiet(names: Iterable[str], level: int = logging.WARNING) -> Iterator[None]:
-    """These loggers at `level` and above only, for the block (the ONNX exporter's passes log each step)."""
-    loggers = [logging.getLogger(name) for name in names]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(max(logger.getEffectiveLevel(), level))
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
 
 
 def versions(form: str) -> dict[str, str]:

@@ -17,12 +17,18 @@ from transferlab.tools.app import hydra_tool, run_program
 def run(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from transferlab.build import build_datamodule, build_trainer, check_run_inputs, instantiate_group
+    from transferlab.build import (
+        LIGHTNING_INFO,
+        build_datamodule,
+        build_trainer,
+        check_run_inputs,
+        instantiate_group,
+    )
     from transferlab.config import parse_train_config
     from transferlab.data.check import check_data
     from transferlab.errors import USER_ERRORS
     from transferlab.launch import check_single_run
-    from transferlab.runtime import is_multirun
+    from transferlab.runtime import is_multirun, quiet_loggers
     from transferlab.training import prepare_model
 
     try:  # the checks of a training run, in its order, on the same functions: the same verdicts
@@ -30,7 +36,8 @@ def run(cfg: DictConfig) -> None:
             check_single_run(HydraConfig.get())
         config = parse_train_config(cfg)
         check_run_inputs(config)
-        build_trainer(config.trainer, callbacks=instantiate_group(config.callbacks), loggers=[])
+        with quiet_loggers([LIGHTNING_INFO]):  # the devices it would use are not what check reports
+            build_trainer(config.trainer, callbacks=instantiate_group(config.callbacks), loggers=[])
     except USER_ERRORS as err:
         print(f"Error: {err}")
         raise SystemExit(1) from None
