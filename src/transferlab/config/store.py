@@ -68,6 +68,11 @@ ALIASES = {"freeze": {"none": "full", "backbone": "linear_probe"}}  # the first 
 
 
 CHECKPOINT_DATA = "from_checkpoint"  # data= of eval, export, optimize, analyze: the checkpoint's own data
+# group options only some tools can use, and which: --help offers them to those alone
+TOOLS_OF_OPTION = {
+    ("data", CHECKPOINT_DATA): ("eval", "export", "optimize", "analyze"),
+    ("data", "unlabeled"): ("pretrain",),  # no labels: train and the tools after it refuse it
+}
 
 
 def _data_overrides() -> type:
@@ -92,11 +97,11 @@ def tool_summary(tool: str) -> str:
     return doc.strip().split("\n\n")[0]
 
 
-def tool_groups(choices: Any) -> str:
-    """`${tool_groups:${hydra.runtime.choices}}` (conf/hydra/help/groups.yaml): --help's section on the
-    config groups the tool's defaults list composed, a line each with the options Hydra finds for it, the
-    chosen one in brackets; nothing for a tool without groups. Hydra's own groups and our schemas are left
-    out: nobody picks them."""
+def tool_groups(tool: str, choices: Any) -> str:
+    """`${tool_groups:${hydra.job.name},${hydra.runtime.choices}}` (conf/hydra/help/groups.yaml): --help's
+    section on the config groups the tool's defaults list composed, a line each with the options Hydra
+    finds for it that this tool can use (`TOOLS_OF_OPTION`), the chosen one in brackets; nothing for a
+    tool without groups. Hydra's own groups and our schemas are left out: nobody picks them."""
     from hydra.core.global_hydra import GlobalHydra
 
     if not GlobalHydra.instance().is_initialized():
@@ -106,9 +111,11 @@ def tool_groups(choices: Any) -> str:
     for group, choice in sorted(choices.items()):
         if group.startswith(("hydra", "schema")) or "@" in group:
             continue
-        options = sorted(loader.get_group_options(group))
-        if choice != CHECKPOINT_DATA:  # the after-training tools' data node: no data of its own to train on
-            options = [option for option in options if option != CHECKPOINT_DATA]
+        options = [
+            option
+            for option in sorted(loader.get_group_options(group))
+            if tool in TOOLS_OF_OPTION.get((group, option), (tool,))
+        ]
         lines.append(f"{group}: " + ", ".join(f"[{o}]" if o == choice else o for o in options))
     if not lines:
         return ""
