@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from transferlab.compress.quantize import onnxruntime_runner, quantize_file
-from transferlab.compress.timing import medians_in_blocks
+from transferlab.compress.timing import median_over_rounds, medians_in_rounds
 from transferlab.config.schema import QuantizeConfig
 from transferlab.inference.model import ModelCard
 
@@ -111,9 +111,10 @@ def main() -> None:
         for name, leave in variants.items():
             files[name] = Path(scratch) / f"{name.replace(' ', '_')}.onnx"
             quantize_leaving_fp32(fp32, files[name], leave, images)
-        report["latency_ms"] = medians_in_blocks(
+        medians = medians_in_rounds(
             lambda name: onnxruntime_runner(files[name], args.threads), list(files), images, args.runs
         )
+        report["latency_ms"] = median_over_rounds(medians)
     print(json.dumps(report["latency_ms"], indent=1))
     if args.out:
         args.out.write_text(json.dumps(report, indent=1) + "\n")

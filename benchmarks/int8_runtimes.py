@@ -15,8 +15,9 @@
   model in fp32, both wholly delegated to XNNPACK, one program per batch size.
 
 Each model is timed with nothing else of its runtime alive (idle threads that spin can take a core from
-the next), in blocks fp32, int8, int8, fp32 with warm-up runs first; the median of `--runs` per model,
-at batch 1 and 32, with `--threads` threads for every runtime.
+the next), in `--rounds` rounds of blocks fp32, int8, int8, fp32 with warm-up runs first, `--runs` per
+model and round, at batch 1 and 32, with `--threads` threads for every runtime; a model's latency is the
+median of its rounds' medians, the speed-up the median of the rounds' own (as `optimize` reports them).
 A route whose package is missing is reported as skipped, not failed.
 """
 
@@ -27,32 +28,52 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
 from transferlab.compress.quantize import onnxruntime_runner
-from transferlab.compress.timing import LATENCY_BATCHES, Runner, medians_in_blocks
+from transferlab.compress.timing import (
+    LATENCY_BATCHES,
+    Runner,
+    median_over_rounds,
+    medians_in_rounds,
+    round_speedups,
+    speedup_over_rounds,
+)
 from transferlab.inference.model import ModelCard, load_inference_model
 
 MODELS = ("fp32", "int8")
 ROUTES = ("onnxruntime", "openvino", "openvino_nncf", "pt2e_inductor", "executorch_xnnpack")
 
 
-def with_speedup(medians: dict[str, dict[int, float]]) -> dict[str, Any]:
-    return {**medians, "speedup": {b: medians["fp32"][b] / medians["int8"][b] for b in LATENCY_BATCHES}}
+class Timing(NamedTuple):
+    runs: int  # per model, batch size and round
+    rounds: int
 
 
-def onnxruntime_route(files: dict[str, Path], images: np.ndarray, threads: int, runs: int) -> dict[str, Any]:
+def measured(open_runner: Callable[[str], Runner], images: np.ndarray, timing: Timing) -> dict[str, Any]:
+    """Both models' latencies and the speed-up, as `optimize` measures them (`timing.medians_in_rounds`)."""
+    medians = medians_in_rounds(open_runner, MODELS, images, timing.runs, timing.rounds)
+    return {
+        **median_over_rounds(medians),
+        "speedup": speedup_over_rounds(medians, "fp32", "int8"),
+        "speedup_rounds": round_speedups(medians, "fp32", "int8"),
+    }
+
+
+def onnxruntime_route(
+    files: dict[str, Path], images: np.ndarray, threads: int, timing: Timing
+) -> dict[str, Any]:
     import onnxruntime
 
-    medians = medians_in_blocks(lambda name: onnxruntime_runner(files[name], threads), MODELS, images, runs)
-    return {"version": onnxruntime.__version__, **with_speedup(medians)}
+    runner = lambda name: onnxruntime_runner(files[name], threads)  # noqa: E731
+    return {"version": onnxruntime.__version__, **measured(runner, images, timing)}
 
 
 def _openvino_medians(
-    models: dict[str, Callable[[Any], Any]], images: np.ndarray, threads: int, runs: int
+    models: dict[str, Callable[[Any], Any]], images: np.ndarray, threads: int, timing: Timing
 ) -> dict[str, Any]:
     """OpenVINO's medians for models[name](core) -> a model (a fresh one per batch size: it is reshaped)."""
     import openvino
@@ -77,17 +98,19 @@ def _openvino_medians(
 
     return {
         "version": openvino.__version__,
-        **with_speedup(medians_in_blocks(open_runner, MODELS, images, runs)),
+        **measured(open_runner, images, timing),
     }
 
 
-def openvino_route(files: dict[str, Path], images: np.ndarray, threads: int, runs: int) -> dict[str, Any]:
+def openvino_route(
+    files: dict[str, Path], images: np.ndarray, threads: int, timing: Timing
+) -> dict[str, Any]:
     readers = {name: (lambda core, path=path: core.read_model(str(path))) for name, path in files.items()}
-    return _openvino_medians(readers, images, threads, runs)
+    return _openvino_medians(readers, images, threads, timing)
 
 
 def openvino_nncf_route(
-    files: dict[str, Path], images: np.ndarray, threads: int, runs: int
+    files: dict[str, Path], images: np.ndarray, threads: int, timing: Timing
 ) -> dict[str, Any]:
     """OpenVINO's own int8 route: NNCF's post-training quantization (its defaults) of the fp32 file,
     calibrated on the benchmark's random images (latency only), against the same fp32 file."""
@@ -102,10 +125,10 @@ def openvino_nncf_route(
         "fp32": lambda core: core.read_model(str(files["fp32"])),
         "int8": lambda core: quantized.clone(),
     }
-    return {"nncf": nncf.__version__, **_openvino_medians(models, images, threads, runs)}
+    return {"nncf": nncf.__version__, **_openvino_medians(models, images, threads, timing)}
 
 
-def pt2e_route(card: ModelCard, images: np.ndarray, runs: int) -> dict[str, Any]:
+def pt2e_route(card: ModelCard, images: np.ndarray, timing: Timing) -> dict[str, Any]:
     import torch._inductor.config as inductor_config
     import torchao
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
@@ -123,13 +146,11 @@ def pt2e_route(card: ModelCard, images: np.ndarray, runs: int) -> dict[str, Any]
         for _ in range(4):
             prepared(torch.randn(8, 3, size, size))
         models = {"fp32": torch.compile(model), "int8": torch.compile(convert_pt2e(prepared))}
-        medians = medians_in_blocks(
-            lambda name: lambda batch: models[name](torch.from_numpy(batch)), MODELS, images, runs
-        )
-    return {"version": torchao.__version__, "torch": torch.__version__, **with_speedup(medians)}
+        found = measured(lambda name: lambda batch: models[name](torch.from_numpy(batch)), images, timing)
+    return {"version": torchao.__version__, "torch": torch.__version__, **found}
 
 
-def executorch_route(card: ModelCard, images: np.ndarray, threads: int, runs: int) -> dict[str, Any]:
+def executorch_route(card: ModelCard, images: np.ndarray, threads: int, timing: Timing) -> dict[str, Any]:
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
         XNNPACKQuantizer,
@@ -171,11 +192,11 @@ def executorch_route(card: ModelCard, images: np.ndarray, threads: int, runs: in
         }
         return lambda batch: methods[len(batch)].execute([torch.from_numpy(batch)])
 
-    medians = medians_in_blocks(open_runner, MODELS, images, runs)
+    found = measured(open_runner, images, timing)
     return {
         "version": executorch_version,
         "threads_used": portable_lib._threadpool_get_thread_count(),
-        **with_speedup(medians),
+        **found,
     }
 
 
@@ -185,7 +206,8 @@ def main() -> None:
     )
     parser.add_argument("run_dir", type=Path, help="an `optimize method=quantize` run directory")
     parser.add_argument("--threads", type=int, default=0, help="threads per runtime; 0 = each one's default")
-    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--runs", type=int, default=30, help="per model, batch size and round")
+    parser.add_argument("--rounds", type=int, default=5, help="the speed-up is the median of the rounds' own")
     parser.add_argument("--routes", nargs="+", choices=ROUTES, default=list(ROUTES), help="the routes to run")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -200,12 +222,13 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     images = np.random.default_rng(0).standard_normal((max(LATENCY_BATCHES), 3, size, size), dtype=np.float32)
+    timing = Timing(args.runs, args.rounds)
     routes: dict[str, Callable[[], dict[str, Any]]] = {
-        "onnxruntime": lambda: onnxruntime_route(files, images, args.threads, args.runs),
-        "openvino": lambda: openvino_route(files, images, args.threads, args.runs),
-        "openvino_nncf": lambda: openvino_nncf_route(files, images, args.threads, args.runs),
-        "pt2e_inductor": lambda: pt2e_route(card, images, args.runs),
-        "executorch_xnnpack": lambda: executorch_route(card, images, args.threads, args.runs),
+        "onnxruntime": lambda: onnxruntime_route(files, images, args.threads, timing),
+        "openvino": lambda: openvino_route(files, images, args.threads, timing),
+        "openvino_nncf": lambda: openvino_nncf_route(files, images, args.threads, timing),
+        "pt2e_inductor": lambda: pt2e_route(card, images, timing),
+        "executorch_xnnpack": lambda: executorch_route(card, images, args.threads, timing),
     }
     report: dict[str, Any] = {
         "run_dir": str(args.run_dir),
@@ -213,6 +236,7 @@ def main() -> None:
         "threads": args.threads or "each runtime's default",
         "cpu_count": os.cpu_count(),
         "runs": args.runs,
+        "rounds": args.rounds,
     }
     for name in args.routes:
         measure = routes[name]

@@ -231,6 +231,7 @@ def quantized(checkpoint, tmp_path_factory) -> Path:
         "method=quantize",
         "quantize.calibration_batches=2",
         "latency_runs=2",
+        "quantize.latency_rounds=3",
         "threads=1",
         f"hydra.run.dir={out}",
     )

@@ -4,13 +4,16 @@ most images of a small split, which predict runs, with its report; one-line erro
 from __future__ import annotations
 
 import csv
+import statistics
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 import torch
 
 from tests.conftest import read_json, run_tool
+from transferlab.compress import timing
 from transferlab.errors import ConfigError
 
 FILES = {"model.onnx", "model.int8.onnx", "model.json", "quantize.json"}
@@ -54,6 +57,30 @@ def test_int8_agrees_with_fp32_and_the_report_measures_it(quantized):
     assert abs(report["accuracy_change"]) <= 1 - report["top1_agreement"] + 1e-6
     assert report["fp32_parity"]["passed"] is True  # model.onnx is what export would write
     assert report["latency"]["intra_op_num_threads"] == 1 and report["latency"]["runs"] == 2
+    assert report["latency"]["rounds"] == 3
+    for batch in ("1", "32"):  # the speed-up: the median of the rounds' own
+        assert len(report["speedup_rounds"][batch]) == 3
+        assert report["speedup"][batch] == statistics.median(report["speedup_rounds"][batch])
+
+
+def test_a_round_the_machines_load_changed_in_is_outvoted(monkeypatch):
+    """A neighbour's work slowing int8 during the second round alone: that round's speed-up is off, the
+    median of the rounds' is not; each model's latency is the median of its rounds' medians."""
+    usual, slowed = [2.0, 1.0, 1.0, 2.0], [2.0, 3.0, 3.0, 2.0]  # ms per block: fp32, int8, int8, fp32
+    blocks = iter([*usual, *slowed, *usual])
+    block_ms = {}
+
+    def fake_timed_ms(run, batch, runs):
+        if len(batch) == 1:  # a block's first batch size: its time for this block
+            block_ms["now"] = next(blocks)
+        return [block_ms["now"]] * runs
+
+    monkeypatch.setattr(timing, "timed_ms", fake_timed_ms)
+    medians = timing.medians_in_rounds(lambda name: None, ["fp32", "int8"], np.zeros((32, 1)), 4, rounds=3)
+    assert medians["int8"][1] == [1.0, 3.0, 1.0]
+    assert timing.round_speedups(medians, "fp32", "int8")[32] == [2.0, 2 / 3, 2.0]
+    assert timing.speedup_over_rounds(medians, "fp32", "int8") == {1: 2.0, 32: 2.0}
+    assert timing.median_over_rounds(medians) == {"fp32": {1: 2.0, 32: 2.0}, "int8": {1: 1.0, 32: 1.0}}
 
 
 def test_predict_runs_the_int8_model(quantized, trained_run, tmp_path):
@@ -126,12 +153,24 @@ def test_the_first_layers_kept_in_fp32_are_the_stems_convolutions(quantized):
         first_layers(quantized / "model.onnx", layers)  # an "int8" model all in fp32
 
 
-def test_histogram_calibration_prints_nothing_to_stdout(quantized, tmp_path, capsys):
+def test_histogram_calibration_prints_nothing_to_stdout(quantized, tmp_path, capsys, caplog, monkeypatch):
     """ONNX Runtime's percentile and entropy calibrators print their bin counts; the tool's own output is
-    its log, so they go to the debug log instead."""
-    import numpy as np
+    its log, so they go to the debug log instead. Its quantizer's step notes on the root logger (one per
+    layer whose weight scale it widens; the 224 px Lite0 of experiments/compression has ten) stay out."""
+    import logging
+
+    import onnxruntime.quantization
 
     from transferlab.compress.quantize import quantize_file
+
+    real_quantize_static = onnxruntime.quantization.quantize_static
+
+    def noting_quantize_static(*args, **kwargs):  # such a note, wherever the tiny model gives none
+        logging.info("Increased scale[0] for weight `w` by ratio 2.0 to ensure bias input `b` ...")
+        return real_quantize_static(*args, **kwargs)
+
+    monkeypatch.setattr(onnxruntime.quantization, "quantize_static", noting_quantize_static)
+    caplog.set_level(logging.INFO)
     from transferlab.config.schema import QuantizeConfig
     from transferlab.inference.model import ModelCard
 
@@ -142,4 +181,5 @@ def test_histogram_calibration_prints_nothing_to_stdout(quantized, tmp_path, cap
     int8_file = tmp_path / "model.int8.onnx"
     quantize_file(fp32_file, int8_file, batches, QuantizeConfig(calibration_method="percentile"), card)
     assert capsys.readouterr().out == ""
+    assert not [record for record in caplog.records if "Increased scale" in record.getMessage()]
     assert "QuantizeLinear" in {node.op_type for node in onnx.load(str(int8_file)).graph.node}

@@ -59,6 +59,9 @@ def usable_cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+ROOT_LOGGER = ""  # logging.getLogger's name for the root logger: where `logging.info(...)` calls go
+
+
 @contextlib.contextmanager
 def quiet_loggers(names: Iterable[str], level: int = logging.WARNING) -> Iterator[None]:
     """These loggers at `level` and above only, for the block (a library's step-by-step info lines)."""

@@ -7,8 +7,8 @@ per-channel weights, uint8 activations whose ranges come from `quantize.calibrat
 the checkpoint's TRAINING images, a seeded sample, preprocessed by its evaluation transform), model.json
 (export's card, its `file` and `quantization` naming the int8 model) and quantize.json: both models'
 metrics on `quantize.split` (eval's torchmetrics), their top-1 agreement, file sizes and CPU latency
-(ONNX Runtime, the same session options for both, each timed alone, median of `latency_runs`, batch 1
-and 32).
+(ONNX Runtime, the same session options for both, each timed alone, at batch 1 and 32; in
+`quantize.latency_rounds` rounds of `latency_runs` each, the speed-up the median of the rounds' own).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import contextlib
 import io
 import logging
 import os
+import statistics
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -28,7 +29,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from transferlab.checkpoints import read_checkpoint
-from transferlab.compress.timing import LATENCY_BATCHES, WARMUP_RUNS, Runner, medians_in_blocks
+from transferlab.compress.timing import (
+    LATENCY_BATCHES,
+    WARMUP_RUNS,
+    Runner,
+    median_over_rounds,
+    medians_in_rounds,
+    round_speedups,
+)
 from transferlab.config.schema import ExportConfig, OptimizeConfig, QuantizeConfig
 from transferlab.errors import ConfigError, DataError, first_line
 from transferlab.evaluation import SplitScorer, calibration_batches, checkpoint_data, default_split
@@ -44,6 +52,7 @@ from transferlab.inference.export import (
 )
 from transferlab.inference.model import InferenceModel, ModelCard, inference_model
 from transferlab.inference.predictors import Predictor, open_exported
+from transferlab.runtime import ROOT_LOGGER, quiet_loggers
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +212,8 @@ def quantize_file(
             quant_pre_process(str(fp32_file), str(prepared))
             kept = kept_fp32(prepared) if kept_fp32 else first_layers(prepared, options.fp32_first_layers)
             calibrator_output = io.StringIO()  # its histogram calibrators print to stdout: kept for the log
-            with contextlib.redirect_stdout(calibrator_output):
+            # and its quantizer logs a step note per layer on the root logger ("Increased scale[...]")
+            with contextlib.redirect_stdout(calibrator_output), quiet_loggers([ROOT_LOGGER]):
                 quantize_static(
                     str(prepared),
                     str(int8_file),
@@ -266,10 +276,8 @@ def compare(
     for name, path in (("fp32", fp32_file), ("int8", int8_file)):
         report[name] = {"file": path.name, "size_bytes": path.stat().st_size, **scores[name], **latency[name]}
     report["size_ratio"] = report["fp32"]["size_bytes"] / report["int8"]["size_bytes"]
-    report["speedup"] = {
-        str(batch): latency["fp32"][f"latency_ms_batch{batch}"] / latency["int8"][f"latency_ms_batch{batch}"]
-        for batch in LATENCY_BATCHES
-    }
+    report["speedup"] = {str(b): statistics.median(r) for b, r in latency["speedup_rounds"].items()}
+    report["speedup_rounds"] = {str(b): r for b, r in latency["speedup_rounds"].items()}
     report["accuracy_change"] = report["int8"][f"{split}/acc"] - report["fp32"][f"{split}/acc"]
     report["latency"] = latency["settings"]
     return report
@@ -311,22 +319,29 @@ def _take(loader: DataLoader, count: int) -> Iterator[tuple[torch.Tensor, torch.
 
 
 def latencies(files: dict[str, Path], images: np.ndarray, config: OptimizeConfig) -> dict[str, Any]:
-    """Median milliseconds per run of each model at each batch size, each timed alone, in blocks
-    (`timing.medians_in_blocks`)."""
-    medians = medians_in_blocks(
-        lambda name: onnxruntime_runner(files[name], config.threads), list(files), images, config.latency_runs
+    """Each model's latency (the median of its rounds' medians) at each batch size, each timed alone, in
+    rounds of blocks (`timing.medians_in_rounds`); fp32's time over int8's, round by round."""
+    rounds = config.quantize.latency_rounds
+    medians = medians_in_rounds(
+        lambda name: onnxruntime_runner(files[name], config.threads),
+        list(files),
+        images,
+        config.latency_runs,
+        rounds,
     )
     found: dict[str, Any] = {
         name: {f"latency_ms_batch{b}": ms for b, ms in per_batch.items()}
-        for name, per_batch in medians.items()
+        for name, per_batch in median_over_rounds(medians).items()
     }
+    found["speedup_rounds"] = round_speedups(medians, "fp32", "int8")
     order = [*files, *reversed(files)]
     found["settings"] = {
         "runtime": "onnxruntime, CPUExecutionProvider",
         "intra_op_num_threads": config.threads or "onnxruntime's default",
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
         "runs": 2 * -(-config.latency_runs // 2),
-        "order": "blocks " + ", ".join(order) + ", one session alive at a time",
+        "rounds": rounds,
+        "order": "rounds of blocks " + ", ".join(order) + ", one session alive at a time",
         "warmup_runs": WARMUP_RUNS,
         "batch_sizes": list(LATENCY_BATCHES),
         "cpu_count": os.cpu_count(),
@@ -348,9 +363,17 @@ def onnxruntime_runner(path: Path, threads: int) -> Runner:
 
 def log_summary(report: dict[str, Any]) -> None:
     split, fp32, int8 = report["split"], report["fp32"], report["int8"]
+
+    def latency(batch: int, digits: int) -> str:
+        rounds = report["speedup_rounds"][str(batch)]
+        spread = f", rounds {min(rounds):.2f}-{max(rounds):.2f}" if len(rounds) > 1 else ""
+        return (
+            f"batch {batch} {fp32[f'latency_ms_batch{batch}']:.{digits}f} -> "
+            f"{int8[f'latency_ms_batch{batch}']:.{digits}f} ms (x{report['speedup'][str(batch)]:.2f}{spread})"
+        )
+
     log.info(
-        "%s/acc fp32 %.4f, int8 %.4f; top-1 agreement %.4f on %d images; size %.1f -> %.1f MB; latency "
-        "batch 1 %.2f -> %.2f ms (x%.2f), batch 32 %.1f -> %.1f ms (x%.2f)",
+        "%s/acc fp32 %.4f, int8 %.4f; top-1 agreement %.4f on %d images; size %.1f -> %.1f MB; latency %s, %s",
         split,
         fp32[f"{split}/acc"],
         int8[f"{split}/acc"],
@@ -358,11 +381,7 @@ def log_summary(report: dict[str, Any]) -> None:
         report["images"],
         fp32["size_bytes"] / 1e6,
         int8["size_bytes"] / 1e6,
-        fp32["latency_ms_batch1"],
-        int8["latency_ms_batch1"],
-        report["speedup"]["1"],
-        fp32["latency_ms_batch32"],
-        int8["latency_ms_batch32"],
-        report["speedup"]["32"],
+        latency(1, 2),
+        latency(32, 1),
     )
     log.info("Wrote %s, %s, model.json and %s", FP32_NAME, INT8_NAME, REPORT_NAME)

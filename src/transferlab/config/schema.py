@@ -1138,9 +1138,13 @@ class QuantizeConfig:
     # the first N Conv/Gemm/MatMul layers (graph order) stay fp32: the stem is what int8 hurts most (measured:
     # experiments/compression)
     fp32_first_layers: int = 0
+    # rounds of timing (each: fp32, int8, int8, fp32 blocks of latency_runs per model); the speed-up is the
+    # median of the rounds' own: a round that the machine's load changed in (a VM's neighbour) is outvoted
+    latency_rounds: int = 5
 
     def __post_init__(self) -> None:
         check_int(self.calibration_batches, "quantize.calibration_batches", 1)
+        check_int(self.latency_rounds, "quantize.latency_rounds", 1)
         if self.split is not None:
             check_choice(self.split, "quantize.split", ("val", "test"))
         check_choice(self.format, "quantize.format", QUANT_FORMATS)
@@ -1160,7 +1164,8 @@ class OptimizeConfig:
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)  # method=prune
     finetune: RecoveryConfig = field(default_factory=RecoveryConfig)  # method=prune: the recovery fine-tune
-    # timed runs per model and batch size, after warm-up (quantize: two blocks each, so rounded up to even)
+    # timed runs per model and batch size, after warm-up (quantize: per round, in two blocks, so rounded up
+    # to even)
     latency_runs: int = 20
     # threads for the timings (quantize: ONNX Runtime's intra-op; prune: torch's); 0 = each one's default
     threads: int = 0
