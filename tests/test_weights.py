@@ -94,6 +94,21 @@ def test_a_file_that_is_no_weights_file_is_named_for_what_it_is(tmp_path):
         read_weights_file(empty)
 
 
+def test_a_torchscript_models_weights_are_taken_when_trusted(tmp_path):
+    """torch.jit.load, not torch's safe loader, reads it: refused until trusted, then its weights load
+    (an exported model of ours: backbone.* and head.*, the head's skipped as any classifier's)."""
+    model = get_model("resnet18", weights=None).eval()
+    path = tmp_path / "model.pt"
+    torch.jit.save(torch.jit.script(model), str(path))
+    with pytest.raises(WeightsError, match=r"is a TorchScript model; to take its weights, add backbone.trust_file"):
+        read_weights_file(path)
+    state = read_weights_file(path, trust_file=True)
+    assert set(state) == set(model.state_dict()) and torch.equal(state["fc.weight"], model.fc.weight)
+    backbone = build_backbone("torchvision", "resnet18")
+    load_pretrained(backbone, "torchvision", "resnet18", str(path), trust_file=True)
+    assert torch.equal(backbone.module.conv1.weight, model.conv1.weight)
+
+
 def test_safetensors_file(tmp_path):
     safetensors = pytest.importorskip("safetensors.torch")
     source = get_model("resnet18", weights=None).state_dict()

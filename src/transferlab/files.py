@@ -213,7 +213,7 @@ def why_torch_file_unreadable(file: Path, err: Exception, trust: bool, trust_key
             return truncated
         with zipfile.ZipFile(file) as archive:
             names = archive.namelist()
-        if any(name.endswith("/constants.pkl") for name in names):  # what torch.jit.save writes
+        if _is_torchscript_archive(names):
             return f"is a TorchScript model (export format=torchscript), not {wanted}{_EXPORTED_HINT}"
         if not any(name.endswith("/data.pkl") for name in names):
             return f"is a zip archive, not a PyTorch file: give {wanted}"
@@ -235,6 +235,21 @@ def why_torch_file_unreadable(file: Path, err: Exception, trust: bool, trust_key
     if trust:  # e.g. a class that is not importable here
         return f"cannot be loaded, even with full unpickling ({type(err).__name__}: {first_line(err)})"
     return f"is damaged: it cannot be read ({type(err).__name__}: {first_line(err)})"
+
+
+def is_torchscript(file: Path) -> bool:
+    """Whether the file is a TorchScript model (what torch.jit.save writes)."""
+    with file.open("rb") as f:
+        if not f.read(2).startswith(_ZIP_MAGIC):
+            return False
+    if not zipfile.is_zipfile(file):
+        return False
+    with zipfile.ZipFile(file) as archive:
+        return _is_torchscript_archive(archive.namelist())
+
+
+def _is_torchscript_archive(names: list[str]) -> bool:
+    return any(name.endswith("/constants.pkl") for name in names)  # what torch.jit.save writes
 
 
 def _unsafe_globals(file: Path) -> list[str]:

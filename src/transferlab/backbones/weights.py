@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import torch
 
 from transferlab.backbones.registry import Backbone, get_source
 from transferlab.errors import WeightsError
-from transferlab.files import EMPTY_FILE, why_torch_file_unreadable
+from transferlab.files import EMPTY_FILE, is_torchscript, why_torch_file_unreadable
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,15 @@ def read_weights_file(path: str | os.PathLike, trust_file: bool = False) -> dict
         from safetensors.torch import load_file
 
         return load_file(str(file))
+    if is_torchscript(file):  # e.g. an exported model.pt: read by torch.jit.load, not the safe weights_only loader
+        if not trust_file:
+            raise WeightsError(
+                f"backbone.weights={file} is a TorchScript model; to take its weights, add "
+                "backbone.trust_file=true (for a model exported by export.py, its checkpoint is the better start)"
+            )
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", r"`torch\.jit\.load` is deprecated", FutureWarning)
+            return _unwrap_state_dict(torch.jit.load(str(file), map_location="cpu"), file)
     try:
         obj = torch.load(file, map_location="cpu", weights_only=not trust_file)
     except Exception as err:
