@@ -176,6 +176,8 @@ def test_a_corruption_setting_typed_for_another_corruption_is_refused(tmp_path, 
     status = run_tool("pretrain", *overrides)
     message = "autoencoder.noise_std is read only with autoencoder.corruption=noise (corruption=none)"
     assert status == 2 and message in "".join(capsys.readouterr())
+    overrides[-2:] = ["autoencoder={noise_std: 0.5}", f"hydra.run.dir={tmp_path / 'd'}"]  # dict form, default
+    assert run_tool("pretrain", *overrides) == 2 and message in "".join(capsys.readouterr())
     # with its corruption the key is read: the run gets past the config (and stops at the empty folder)
     for typed in (
         ["autoencoder.corruption=noise", "autoencoder.noise_std=0.3"],

@@ -82,10 +82,28 @@ def is_set(node: Any, key: str, schema: type | None = None) -> bool:
 
 
 def typed_under(group: str) -> bool:
-    """A key of `group` was typed on the command line (`prune.amount=0.5`, `+simclr.x=1`): set by the
+    """A key of `group` was typed on the command line (`prune.amount=0.5`, `+simclr.x=1`, or inside a
+    dict given to a node above it: `autoencoder={noise_std: 0.3}` for autoencoder.noise_std): set by the
     user even when the value is the default, which `is_set` cannot tell."""
-    keys = map(override_key, command_line_overrides())
-    return any(key == group or key.startswith(f"{group}.") for key in keys)
+    for override in command_line_overrides():
+        key = override_key(override)
+        if key == group or key.startswith(f"{group}."):
+            return True
+        if group.startswith(f"{key}.") and _dict_holds(override, group.removeprefix(f"{key}.")):
+            return True
+    return False
+
+
+def _dict_holds(override: str, path: str) -> bool:
+    """The override's value is a dict that holds the dotted `path`."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    value = OverridesParser.create().parse_overrides([override])[0].value()
+    for part in path.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return False
+        value = value[part]
+    return True
 
 
 MAX_SEED = 2**32 - 1  # numpy's and scikit-learn's seeds; Lightning picks a random one outside it
