@@ -107,3 +107,21 @@ def test_a_run_logs_no_adverts_and_check_no_device_lines(tmp_path, lightning_lin
     assert not [line for line in lines if "Tip" in line or "limit_" in line]
     assert main(["data=digits"]) == 0
     assert lightning_lines() == lines  # nothing more
+
+
+def test_a_sweep_is_checked_job_by_job_and_nothing_is_written(tmp_path, monkeypatch, capsys):
+    """check -m: every job is checked (a job that would stop fails as a sweep job, and the sweep goes on
+    to the next); the exit status is 1 if any would stop; Hydra's sweep folders go to a scratch folder."""
+    monkeypatch.chdir(tmp_path)
+
+    def sweep(lrs: str) -> int:
+        return run_tool("check", "-m", "backbone.weights=null", "data.image_size=16", "data=digits", lrs)
+
+    status = sweep("optim.lr=-1,0.1")
+    printed = "".join(capsys.readouterr())
+    assert status == 1
+    assert "optim.lr=-1.0 must be a positive number" in printed
+    assert "OK: training would start with this data." in printed  # the second job, after the failed one
+    assert list(tmp_path.iterdir()) == []
+    assert sweep("optim.lr=0.01,0.1") == 0
+    assert capsys.readouterr().out.count("OK: training would start") == 2

@@ -6,7 +6,10 @@ Each YAML preset in `conf/<group>/` starts from `/schema/<group>@_here_: <option
 
 from __future__ import annotations
 
+import atexit
 import secrets
+import shutil
+import tempfile
 from dataclasses import fields, make_dataclass
 from typing import Any
 
@@ -83,6 +86,16 @@ def _data_overrides() -> type:
 
 
 _RUN_UID = secrets.token_hex(3)  # one per process: two runs started in the same second get two directories
+_SCRATCH: list[str] = []
+
+
+def scratch_dir() -> str:
+    """`${scratch_dir:}`: a folder of this process's own, removed when it exits. The tools that write
+    nothing (check) get their sweep there: Hydra writes each -m job a folder and the sweep's record."""
+    if not _SCRATCH:
+        _SCRATCH.append(tempfile.mkdtemp(prefix="transferlab_sweep_"))
+        atexit.register(shutil.rmtree, _SCRATCH[0], ignore_errors=True)
+    return _SCRATCH[0]
 
 
 def tool_summary(tool: str) -> str:
@@ -124,10 +137,11 @@ def tool_groups(tool: str, choices: Any) -> str:
 
 
 def register_resolvers() -> None:
-    """`${run_uid:}`, `${slurm_or:NAME}`, `${or_else:A,B}`, `${if_set:X,A,B}` (conf/hydra/default.yaml);
+    """`${run_uid:}`, `${slurm_or:NAME}`, `${or_else:A,B}`, `${if_set:X,A,B}` (conf/hydra/default.yaml), `${scratch_dir:}` (tool.yaml);
     `${metric_mode:METRIC}` (the default of optimized_mode)."""
     resolvers = {
         "run_uid": lambda: _RUN_UID,
+        "scratch_dir": scratch_dir,
         "slurm_or": lambda name: slurm_run_name() or name,  # a SLURM batch job's name, kept when requeued
         "or_else": lambda value, other: str(value) if value else other,
         "if_set": lambda value, then, other: then if value else other,

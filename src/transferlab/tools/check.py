@@ -5,6 +5,7 @@ order: a sweep's settings given without -m, the config, the backbone and files, 
 Lightning's trainer arguments, the data (scanned and split
 as training would; the report shows what is there and what is wrong), then the model for those
 classes and input size with its pretrained weights. Exits with 1 when training would stop, else 0.
+With -m, each job of the sweep.
 """
 
 from __future__ import annotations
@@ -15,6 +16,20 @@ from transferlab.tools.app import hydra_tool, run_program
 
 
 def run(cfg: DictConfig) -> None:
+    """Exits 0 when training would start, 1 when it would stop. Under -m each job of the sweep is
+    checked; a job that would stop fails as a sweep job does (the sweep goes on, then exits 1)."""
+    from transferlab.errors import ConfigError
+    from transferlab.runtime import is_multirun
+
+    would_start = check(cfg)
+    if not is_multirun():
+        raise SystemExit(0 if would_start else 1)
+    if not would_start:
+        raise ConfigError("training would stop with this job's settings (see above)")
+
+
+def check(cfg: DictConfig) -> bool:
+    """The report, printed; whether training would start."""
     from hydra.core.hydra_config import HydraConfig
 
     from transferlab.build import (
@@ -40,19 +55,19 @@ def run(cfg: DictConfig) -> None:
             build_trainer(config.trainer, callbacks=instantiate_group(config.callbacks), loggers=[])
     except USER_ERRORS as err:
         print(f"Error: {err}")
-        raise SystemExit(1) from None
+        return False
     splits = check_data(config.data, seed=config.seed)
     if splits is None:
-        raise SystemExit(1)
+        return False
     datamodule = build_datamodule(config.data, config.backbone, config.seed, config.augment)
     datamodule.splits = splits  # read once, above
     try:  # the model for these classes and this input size, its pretrained weights, ckpt_path's classes
         prepare_model(config, datamodule)
     except USER_ERRORS as err:
         print(f"Training would stop:\n{err}")
-        raise SystemExit(1) from None
+        return False
     print("OK: training would start with this data.")
-    raise SystemExit(0)
+    return True
 
 
 main = hydra_tool("check")(run)
