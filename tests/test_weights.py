@@ -100,7 +100,9 @@ def test_a_torchscript_models_weights_are_taken_when_trusted(tmp_path):
     model = get_model("resnet18", weights=None).eval()
     path = tmp_path / "model.pt"
     torch.jit.save(torch.jit.script(model), str(path))
-    with pytest.raises(WeightsError, match=r"is a TorchScript model; to take its weights, add backbone.trust_file"):
+    with pytest.raises(
+        WeightsError, match=r"is a TorchScript model; to take its weights, add backbone.trust_file"
+    ):
         read_weights_file(path)
     state = read_weights_file(path, trust_file=True)
     assert set(state) == set(model.state_dict()) and torch.equal(state["fc.weight"], model.fc.weight)
