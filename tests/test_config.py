@@ -305,9 +305,8 @@ def test_help_lists_the_groups_the_tool_composes(capsys):
     assert (
         "backbone: " in printed and "[resnet18]" in printed and "trainer: cpu, ddp, [default], gpu" in printed
     )
-    assert (
-        "data: cifar10, [digits], imagefolder\n" in printed
-    )  # not eval's from_checkpoint, pretrain's unlabeled
+    # not eval's from_checkpoint, nor pretrain's unlabeled
+    assert "data: cifar10, [digits], imagefolder\n" in printed
     assert run_tool("eval", "--help") == 0
     assert "data: cifar10, digits, [from_checkpoint], imagefolder\n" in capsys.readouterr().out
     assert run_tool("pretrain", "data=digits", "--help") == 0

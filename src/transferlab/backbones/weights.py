@@ -72,9 +72,8 @@ def read_weights_file(path: str | os.PathLike, trust_file: bool = False) -> dict
         from safetensors.torch import load_file
 
         return load_file(str(file))
-    if is_torchscript(
-        file
-    ):  # e.g. an exported model.pt: read by torch.jit.load, not the safe weights_only loader
+    # e.g. an exported model.pt: read by torch.jit.load, not by the safe weights_only loader
+    if is_torchscript(file):
         if not trust_file:
             raise WeightsError(
                 f"backbone.weights={file} is a TorchScript model; to take its weights, add "
