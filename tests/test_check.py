@@ -70,8 +70,8 @@ def test_what_train_refuses_before_its_data_check_refuses_too(tmp_path, capsys):
     """A sweep's settings without -m, and a callback's bad value (which train reports as a ConfigError,
     not as Hydra's InstantiationException)."""
     for overrides, message in [
-        (["hparams_search=optuna"], "hparams_search=optuna runs a sweep: add -m"),
-        (["hydra/launcher=slurm"], "hydra/launcher=slurm launches the jobs of a sweep: add -m"),
+        (["hparams_search=optuna"], "hparams_search=optuna: check -m checks the jobs a sweep lists"),
+        (["hydra/launcher=slurm"], "hydra/launcher=slurm: check runs its checks here"),
         (["callbacks.progress.mode=fancy"], "callbacks.progress.mode='fancy' is not valid; choose one of"),
         (["data=from_checkpoint"], "data.name is not set: choose data=<one of: digits, cifar10"),
     ]:
@@ -125,3 +125,10 @@ def test_a_sweep_is_checked_job_by_job_and_nothing_is_written(tmp_path, monkeypa
     assert list(tmp_path.iterdir()) == []
     assert sweep("optim.lr=0.01,0.1") == 0
     assert capsys.readouterr().out.count("OK: training would start") == 2
+    for chosen, message in [  # refused before any job, with the message check gives without -m
+        ("hparams_search=optuna", "hparams_search=optuna: check -m checks the jobs a sweep lists"),
+        ("hydra/launcher=slurm", "hydra/launcher=slurm: check runs its checks here"),
+    ]:
+        assert sweep(chosen) == 1
+        printed = "".join(capsys.readouterr())
+        assert message in printed and "Splits as training would use them" not in printed

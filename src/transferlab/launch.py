@@ -278,6 +278,34 @@ def check_single_run(hydra: DictConfig) -> None:
         )
 
 
+def check_jobs_run_here(hydra: DictConfig) -> None:
+    """`check -m`: each job of the sweep is checked here, one after another. A search (Optuna) picks its
+    trials from the results of earlier ones, which a check has none of; a launcher would send the checks
+    elsewhere."""
+    choices = hydra.runtime.choices
+    if hydra.sweeper["_target_"] != BASIC_SWEEPER:
+        raise ConfigError(
+            f"hparams_search={choices.get('hparams_search')}: check -m checks the jobs a sweep lists, and a "
+            "search picks its trials from results a check does not produce; leave hparams_search out and "
+            "sweep the values to check (e.g. optim.lr=0.001,0.1)"
+        )
+    if hydra.launcher["_target_"] != BASIC_LAUNCHER:
+        raise ConfigError(
+            f"hydra/launcher={choices.get('hydra/launcher')}: check runs its checks here; leave the launcher out"
+        )
+
+
+class ChecksRunHere(HydraCallback):
+    """check -m's launch rule (`check_jobs_run_here`), before any job. Exits (SystemExit), as
+    `LaunchChecks` does."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            check_jobs_run_here(config.hydra)
+        except ConfigError as error:
+            raise SystemExit(f"Error: {error}") from None
+
+
 class LaunchChecks(HydraCallback):
     """Checks a sweep before any job is launched or submitted, and a single run for settings only a
     sweep reads. Exits (SystemExit) because Hydra turns exceptions raised in callbacks into warnings.

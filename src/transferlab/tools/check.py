@@ -1,11 +1,10 @@
 """Check data before training: `transferlab check data=imagefolder data.root=/data/skin` (conf/check.yaml).
 
 Takes train.py's overrides and runs a training run's checks, on the same functions and in the same
-order: a sweep's settings given without -m, the config, the backbone and files, the callbacks and
-Lightning's trainer arguments, the data (scanned and split
-as training would; the report shows what is there and what is wrong), then the model for those
-classes and input size with its pretrained weights. Exits with 1 when training would stop, else 0.
-With -m, each job of the sweep.
+order: the config, the backbone and files, the callbacks and Lightning's trainer arguments, the data
+(scanned and split as training would; the report shows what is there and what is wrong), then the model
+for those classes and input size with its pretrained weights. Exits with 1 when training would stop,
+else 0. With -m, each job of the sweep, here: a search (hparams_search) or a launcher is refused.
 """
 
 from __future__ import annotations
@@ -42,13 +41,15 @@ def check(cfg: DictConfig) -> bool:
     from transferlab.config import parse_train_config
     from transferlab.data.check import check_data
     from transferlab.errors import USER_ERRORS
-    from transferlab.launch import check_single_run
+    from transferlab.launch import check_jobs_run_here, check_single_run
     from transferlab.runtime import is_multirun, quiet_loggers
     from transferlab.training import prepare_model
 
     try:  # the checks of a training run, in its order, on the same functions: the same verdicts
-        if not is_multirun():  # a sweep's settings without -m (check -m checks each job's config)
-            check_single_run(HydraConfig.get())
+        hydra = HydraConfig.get()
+        check_jobs_run_here(hydra)  # check's own rule for a search or a launcher, with -m or without
+        if not is_multirun():
+            check_single_run(hydra)
         config = parse_train_config(cfg)
         check_run_inputs(config)
         with quiet_loggers([LIGHTNING_INFO]):  # the devices it would use are not what check reports
