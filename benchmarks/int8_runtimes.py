@@ -211,6 +211,8 @@ def main() -> None:
     parser.add_argument("--routes", nargs="+", choices=ROUTES, default=list(ROUTES), help="the routes to run")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    if args.runs < 1 or args.rounds < 1:
+        parser.error("--runs and --rounds must be at least 1")
     files = {"fp32": args.run_dir / "model.onnx", "int8": args.run_dir / "model.int8.onnx"}
     missing = [str(path) for path in files.values() if not path.is_file()]
     if missing:

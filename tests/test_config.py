@@ -309,6 +309,8 @@ def test_help_lists_the_groups_the_tool_composes(capsys):
     assert "data: cifar10, [digits], imagefolder\n" in printed
     assert run_tool("eval", "--help") == 0
     assert "data: cifar10, digits, [from_checkpoint], imagefolder\n" in capsys.readouterr().out
+    assert run_tool("eval", "hydra.job.name=mine", "--help") == 0  # the chosen option is always listed
+    assert "data: cifar10, digits, [from_checkpoint], imagefolder\n" in capsys.readouterr().out
     assert run_tool("pretrain", "data=digits", "--help") == 0
     assert "data: cifar10, [digits], imagefolder, unlabeled\n" in capsys.readouterr().out
     assert run_tool("summary", "--help") == 0

@@ -59,9 +59,6 @@ def usable_cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-ROOT_LOGGER = ""  # logging.getLogger's name for the root logger: where `logging.info(...)` calls go
-
-
 @contextlib.contextmanager
 def quiet_loggers(names: Iterable[str], level: int = logging.WARNING) -> Iterator[None]:
     """These loggers at `level` and above only, for the block (a library's step-by-step info lines)."""
@@ -74,3 +71,20 @@ def quiet_loggers(names: Iterable[str], level: int = logging.WARNING) -> Iterato
     finally:
         for logger, saved in zip(loggers, levels, strict=True):
             logger.setLevel(saved)
+
+
+@contextlib.contextmanager
+def quiet_root_logger_calls(level: int = logging.WARNING) -> Iterator[None]:
+    """Records below `level` logged on the root logger itself (a library's `logging.info(...)`) are dropped
+    for the block. A logger's filters see only the records logged on it, so those of named loggers, which
+    pass through the root's handlers, are kept."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return record.levelno >= level
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)

@@ -17,7 +17,6 @@ import contextlib
 import io
 import logging
 import os
-import statistics
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -36,6 +35,7 @@ from transferlab.compress.timing import (
     median_over_rounds,
     medians_in_rounds,
     round_speedups,
+    speedup_over_rounds,
 )
 from transferlab.config.schema import ExportConfig, OptimizeConfig, QuantizeConfig
 from transferlab.errors import ConfigError, DataError, first_line
@@ -52,7 +52,7 @@ from transferlab.inference.export import (
 )
 from transferlab.inference.model import InferenceModel, ModelCard, inference_model
 from transferlab.inference.predictors import Predictor, open_exported
-from transferlab.runtime import ROOT_LOGGER, quiet_loggers
+from transferlab.runtime import quiet_root_logger_calls
 
 log = logging.getLogger(__name__)
 
@@ -212,8 +212,8 @@ def quantize_file(
             quant_pre_process(str(fp32_file), str(prepared))
             kept = kept_fp32(prepared) if kept_fp32 else first_layers(prepared, options.fp32_first_layers)
             calibrator_output = io.StringIO()  # its histogram calibrators print to stdout: kept for the log
-            # and its quantizer logs a step note per layer on the root logger ("Increased scale[...]")
-            with contextlib.redirect_stdout(calibrator_output), quiet_loggers([ROOT_LOGGER]):
+            # and its quantizer logs a note per layer on the root logger ("Increased scale[...]"): dropped
+            with contextlib.redirect_stdout(calibrator_output), quiet_root_logger_calls():
                 quantize_static(
                     str(prepared),
                     str(int8_file),
@@ -276,8 +276,8 @@ def compare(
     for name, path in (("fp32", fp32_file), ("int8", int8_file)):
         report[name] = {"file": path.name, "size_bytes": path.stat().st_size, **scores[name], **latency[name]}
     report["size_ratio"] = report["fp32"]["size_bytes"] / report["int8"]["size_bytes"]
-    report["speedup"] = {str(b): statistics.median(r) for b, r in latency["speedup_rounds"].items()}
-    report["speedup_rounds"] = {str(b): r for b, r in latency["speedup_rounds"].items()}
+    report["speedup"] = {str(b): ratio for b, ratio in latency["speedup"].items()}
+    report["speedup_rounds"] = {str(b): ratios for b, ratios in latency["speedup_rounds"].items()}
     report["accuracy_change"] = report["int8"][f"{split}/acc"] - report["fp32"][f"{split}/acc"]
     report["latency"] = latency["settings"]
     return report
@@ -333,6 +333,7 @@ def latencies(files: dict[str, Path], images: np.ndarray, config: OptimizeConfig
         name: {f"latency_ms_batch{b}": ms for b, ms in per_batch.items()}
         for name, per_batch in median_over_rounds(medians).items()
     }
+    found["speedup"] = speedup_over_rounds(medians, "fp32", "int8")
     found["speedup_rounds"] = round_speedups(medians, "fp32", "int8")
     order = [*files, *reversed(files)]
     found["settings"] = {
@@ -366,7 +367,7 @@ def log_summary(report: dict[str, Any]) -> None:
 
     def latency(batch: int, digits: int) -> str:
         rounds = report["speedup_rounds"][str(batch)]
-        spread = f", rounds {min(rounds):.2f}-{max(rounds):.2f}" if len(rounds) > 1 else ""
+        spread = f", the median of rounds {min(rounds):.2f}-{max(rounds):.2f}" if len(rounds) > 1 else ""
         return (
             f"batch {batch} {fp32[f'latency_ms_batch{batch}']:.{digits}f} -> "
             f"{int8[f'latency_ms_batch{batch}']:.{digits}f} ms (x{report['speedup'][str(batch)]:.2f}{spread})"

@@ -127,7 +127,7 @@ def tool_groups(tool: str, choices: Any) -> str:
         options = [
             option
             for option in sorted(loader.get_group_options(group))
-            if tool in TOOLS_OF_OPTION.get((group, option), (tool,))
+            if option == choice or tool in TOOLS_OF_OPTION.get((group, option), (tool,))
         ]
         lines.append(f"{group}: " + ", ".join(f"[{o}]" if o == choice else o for o in options))
     if not lines:
