@@ -99,6 +99,22 @@ def test_runs_that_would_train_or_validate_nothing_are_refused(overrides, match)
     refused(overrides, match)
 
 
+NOT_FINITE = [  # every comparison with nan is false, so a range check alone lets it through
+    (["optim.lr=nan"], r"optim.lr=nan must be a finite number"),
+    (["optim.lr=inf"], r"optim.lr=inf must be a finite number"),
+    (["optim.weight_decay=nan"], r"optim.weight_decay=nan must be a finite number"),
+    (["augment.mixup_alpha=nan"], r"augment.mixup_alpha=nan must be a finite number"),
+    (["trainer.gradient_clip_val=nan"], r"trainer.gradient_clip_val=nan must be a finite number"),
+    (["optim=sgd", "optim.momentum=2"], r"optim.momentum=2.0 must be in \[0, 1\)"),
+    (["scheduler=cosine", "scheduler.warmup_epochs=-inf"], r"scheduler.warmup_epochs=-inf must be a finite number"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "match"), NOT_FINITE)
+def test_nan_and_inf_are_refused_wherever_they_are_typed(overrides, match):
+    refused(overrides, match)
+
+
 # --- metrics: names the model logs, and their better direction ---------------------------------------
 
 

@@ -111,6 +111,15 @@ def test_a_torchscript_models_weights_are_taken_when_trusted(tmp_path):
     assert torch.equal(backbone.module.conv1.weight, model.conv1.weight)
 
 
+def test_weights_that_diverged_are_refused(tmp_path):
+    state = get_model("resnet18", weights=None).state_dict()
+    state["layer1.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+    path = tmp_path / "diverged.pth"
+    torch.save(state, path)
+    with pytest.raises(WeightsError, match=r"holds NaN or infinite values \(layer1.0.conv1.weight\)"):
+        load_pretrained(build_backbone("torchvision", "resnet18"), "torchvision", "resnet18", str(path))
+
+
 def test_safetensors_file(tmp_path):
     safetensors = pytest.importorskip("safetensors.torch")
     source = get_model("resnet18", weights=None).state_dict()

@@ -156,6 +156,13 @@ def load_backbone_state(backbone: Backbone, state: Mapping[str, torch.Tensor], o
             + "\n".join(problems)
             + hint
         )
+    broken = [k for k, v in body.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if broken:  # a run that diverged saves NaN weights; trained on, they give NaN from the first step
+        shown = ", ".join(broken[:3]) + (f", ... ({len(broken)} in all)" if len(broken) > 3 else "")
+        raise WeightsError(
+            f"backbone.weights: {origin} holds NaN or infinite values ({shown}): the run that saved it "
+            "diverged; use an earlier checkpoint of it, or train it again with a lower learning rate"
+        )
     backbone.module.load_state_dict(body, strict=True)
     log.info("Loaded backbone weights from %s (%d tensors).", origin, len(body))
     if head_keys:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
+import math
 import typing
 from collections.abc import Mapping
 from typing import Any
@@ -65,6 +66,7 @@ def _option_name(group: str, schema: type) -> str:
 def build(schema: type, values: Mapping[str, Any], where: str, option: str) -> Any:
     """`values` merged into `schema`: types converted or refused, unknown keys refused, then the
     dataclass is made (its `__post_init__` checks the values). `where` prefixes keys in messages."""
+    refuse_non_finite(values, where)
     try:
         node = OmegaConf.merge(OmegaConf.structured(schema), dict(values))
         return OmegaConf.to_object(node)
@@ -82,6 +84,20 @@ def build(schema: type, values: Mapping[str, Any], where: str, option: str) -> A
     except OmegaConfBaseException as err:
         first = str(err).splitlines()[0]
         raise ConfigError(f"{where}{err.full_key}: {first}") from None
+
+
+def refuse_non_finite(values: Any, where: str) -> None:
+    """No key of ours, nor a Lightning Trainer argument, means anything at nan or inf, and the range
+    checks cannot see nan (every comparison with it is false): a run would train on NaN and end with
+    exit status 0. So they are refused, wherever they are."""
+    if isinstance(values, float) and not math.isfinite(values):
+        raise ConfigError(f"{where.rstrip('.')}={values} must be a finite number")
+    if isinstance(values, Mapping):
+        for key, value in values.items():
+            refuse_non_finite(value, f"{where}{key}.")
+    elif isinstance(values, list | tuple):
+        for index, value in enumerate(values):
+            refuse_non_finite(value, f"{where.rstrip('.')}[{index}].")
 
 
 def _node_schema(schema: type, parents: list[str], option: str) -> tuple[type, str]:

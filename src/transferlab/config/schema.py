@@ -277,9 +277,14 @@ class SGDConfig(OptimConfig):
 
     _target_: str = "torch.optim.SGD"
     lr: float = 0.01
-    momentum: float = 0.9
+    momentum: float = 0.9  # in [0, 1): at 1 or above the velocity never decays and training diverges
     nesterov: bool = True
     weight_decay: float = 1.0e-4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"optim.momentum={self.momentum} must be in [0, 1)")
 
 
 @dataclass
