@@ -170,3 +170,32 @@ def test_a_run_on_bad_files_stops_before_training(fast_cfg, tmp_path):
     with pytest.raises(DataError, match="bad image file"):
         train(fast_cfg("data=imagefolder", f"data.root={tmp_path / 'data'}"))
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_folder_reached_again_through_a_link_is_read_once(tmp_path):
+    """A link loop (`self -> .`) or a second link to a folder would count its images again, or without
+    end, and put copies of validation images into training: each folder is walked once (pretrain's
+    data=unlabeled and predict's inputs= read folders this way)."""
+    from transferlab.data.scan import images_under, scan_unlabeled_folder
+    from transferlab.inference.predict import collect_inputs
+
+    root = tmp_path / "photos"
+    (root / "a").mkdir(parents=True)
+    for name in ("a/1.png", "a/2.png", "3.png"):
+        Image.new("RGB", (8, 8)).save(root / name)
+    (root / "self").symlink_to(root, target_is_directory=True)
+    (root / "again").symlink_to(root / "a", target_is_directory=True)
+    linked = tmp_path / "elsewhere"
+    linked.mkdir()
+    Image.new("RGB", (8, 8)).save(linked / "4.png")
+    (root / "linked").symlink_to(linked, target_is_directory=True)  # a link to new images: followed
+    images, ignored = images_under(root)
+    assert sorted(p.relative_to(root).as_posix() for p in images) == [
+        "3.png",
+        "a/1.png",
+        "a/2.png",
+        "linked/4.png",
+    ]
+    assert {p.name for p in ignored} == {"self", "again"}
+    assert len(scan_unlabeled_folder(root).images["train"]["unlabeled"]) == 4
+    assert [p.name for p in collect_inputs(str(root))] == ["3.png", "1.png", "2.png", "4.png"]

@@ -142,6 +142,30 @@ def _finished(scan: FolderScan, started: float, how: str) -> FolderScan:
     return scan
 
 
+def images_under(root: Path) -> tuple[list[Path], list[Path]]:
+    """The files named like images anywhere under `root` (links followed, hidden entries skipped), and
+    the other entries. A folder reached again through a link (a loop, or a second link to it) is walked
+    once, and listed as ignored the other times: its images would count twice, or without end."""
+    images: list[Path] = []
+    ignored: list[Path] = []
+    walked: set[str] = set()
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in walked:
+            subfolders[:] = []
+            ignored.append(Path(folder))
+            continue
+        walked.add(real)
+        subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
+        for name in sorted(files):
+            path = Path(folder) / name
+            if is_image_name(name):
+                images.append(path)
+            elif not name.startswith("."):
+                ignored.append(path)
+    return images, ignored
+
+
 def scan_unlabeled_folder(
     root: str | os.PathLike, mode: str = "fast", max_pixels: int = PIL_MAX_PIXELS
 ) -> FolderScan:
@@ -150,15 +174,7 @@ def scan_unlabeled_folder(
     started = time.monotonic()
     root = Path(root).expanduser()
     scan = FolderScan(root, UNLABELED, [UNLABELED], {"train": {UNLABELED: []}}, mode=mode)
-    candidates: list[Path] = []
-    for folder, subfolders, files in os.walk(root, followlinks=True):
-        subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
-        for name in sorted(files):
-            path = Path(folder) / name
-            if is_image_name(name):
-                candidates.append(path)
-            elif not name.startswith("."):
-                scan.ignored.append(path)
+    candidates, scan.ignored = images_under(root)
     if not candidates:
         raise DataError(
             f"data.root={root} holds no image files, in any sub-folder (extensions: "

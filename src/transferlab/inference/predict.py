@@ -28,12 +28,12 @@ from transferlab.config.schema import PIL_MAX_PIXELS, PredictConfig
 from transferlab.data.datamodule import resolve_num_workers
 from transferlab.data.images import (
     EMPTY_IMAGE,
-    is_image_name,
     refused_by_pil,
     set_pixel_limit,
     to_rgb,
     too_large,
 )
+from transferlab.data.scan import images_under
 from transferlab.data.transforms import Preprocessing, eval_transform, interpolation_mode, normalize
 from transferlab.errors import ConfigError, DataError
 from transferlab.files import atomic_write, write_json
@@ -50,12 +50,13 @@ _GLOB_CHARACTERS = "*?["
 
 
 def collect_inputs(inputs: str) -> list[Path]:
-    """The files `inputs=` names: one file, a folder's images (recursive, sorted), a glob's matches, or
-    the paths listed in a .txt file (one per line; relative to the list's folder; # starts a comment).
-    Listed or named files that turn out not to be images are kept: they are reported as errors."""
+    """The files `inputs=` names: one file, a folder's images (recursive, hidden entries skipped, sorted),
+    a glob's matches, or the paths listed in a .txt file (one per line; relative to the list's folder; #
+    starts a comment). Listed or named files that turn out not to be images are kept: they are reported
+    as errors."""
     path = Path(inputs).expanduser()
     if path.is_dir():
-        found = sorted(p for p in path.rglob("*") if p.is_file() and is_image_name(p.name))
+        found = sorted(images_under(path)[0])  # as training reads a folder: links followed, each once
         if not found:
             raise ConfigError(f"inputs={inputs}: the folder holds no image files ({_extensions()})")
         return found
