@@ -130,3 +130,16 @@ def test_summary_of_a_single_run_says_it_is_one(tmp_path):
         SystemExit, match=r"holds no job directories .*\(it is a single run: its metrics.json"
     ):
         write_summary(tmp_path)
+
+
+def test_summary_of_a_folder_that_is_no_sweep_keeps_the_users_summary_files(tmp_path):
+    """Without Hydra's multirun.yaml the folder is not a sweep: summary.md there may be the user's own."""
+    folder = tmp_path / "runs"
+    _job(folder, "a", ["optim.lr=0.1"], {"val/loss": 0.9, "val/acc": 0.5, "epochs_trained": 3})
+    (folder / "summary.md").write_text("my notes")
+    with pytest.raises(SystemExit, match=r"already holds summary.md; it is left untouched"):
+        write_summary(folder)
+    assert (folder / "summary.md").read_text() == "my notes"
+    (folder / "multirun.yaml").write_text("hydra: {}\n")  # a sweep's folder: its summary is rewritten
+    write_summary(folder)
+    assert (folder / "summary.md").read_text() != "my notes"

@@ -135,7 +135,10 @@ def write_summary(
             f"Error: metric={metric} is not a metric of these jobs; they have: {', '.join(columns)}"
         )
     rows = summary_rows(jobs, metric, maximize=mode == "max")
-    out = _output_folder(out or sweep_dir, own=out is None or out.resolve() == sweep_dir.resolve())
+    into_sweep = out is None or out.resolve() == sweep_dir.resolve()
+    # a sweep's folder (Hydra's multirun.yaml) takes a new summary over its old one; any other folder's
+    # summary files may be the user's own
+    out = _output_folder(out or sweep_dir, own=into_sweep and (sweep_dir / "multirun.yaml").is_file())
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
     writer.writeheader()
@@ -147,8 +150,8 @@ def write_summary(
 
 
 def _output_folder(out: Path, own: bool) -> Path:
-    """The sweep's own folder takes a new summary over the old one; another folder (out=) must not hold
-    summary files already: they may be the user's."""
+    """The sweep's own folder takes a new summary over the old one; another folder (out=, or a sweep_dir
+    that is no sweep) must not hold summary files already: they may be the user's."""
     if out.exists() and not out.is_dir():
         raise SystemExit(f"Error: out={out} is a file; give a folder for summary.csv and summary.md")
     taken = [name for name in ("summary.csv", "summary.md") if (out / name).exists()]
