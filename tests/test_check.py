@@ -74,6 +74,11 @@ def test_what_train_refuses_before_its_data_check_refuses_too(tmp_path, capsys):
         (["hydra/launcher=slurm"], "hydra/launcher=slurm: check runs its checks here"),
         (["callbacks.progress.mode=fancy"], "callbacks.progress.mode='fancy' is not valid; choose one of"),
         (["data=from_checkpoint"], "data.name is not set: choose data=<one of: digits, cifar10"),
+        (  # an argument the callback's class does not take, named with the class's own words
+            ["callbacks=early_stopping", "+callbacks.early_stopping.patiance=3"],
+            "early_stopping (lightning.pytorch.callbacks.EarlyStopping): EarlyStopping.__init__() got an "
+            "unexpected keyword argument 'patiance'; check the spelling",
+        ),
     ]:
         assert main(["data=digits", *overrides]) == 1  # the last data= wins
         assert message in capsys.readouterr().out

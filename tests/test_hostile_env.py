@@ -292,3 +292,10 @@ def test_a_failure_before_the_job_begins_keeps_a_finished_run_and_records_a_fail
         assert "data.root=/gone" in (tmp_path / "error.txt").read_text()
         [kept] = tmp_path.glob("error.*.txt")
         assert kept.read_text() == "the earlier attempt's"
+
+
+def test_a_message_whose_first_line_ends_in_a_colon_keeps_its_reason():
+    """Hydra's InstantiationException says "Error in call to target 'X':" and gives the reason below."""
+    error = RuntimeError("Error in call to target 'pkg.Thing':\nTypeError('bad argument')\nfull_key: a.b")
+    assert describe(error) == "RuntimeError: Error in call to target 'pkg.Thing': TypeError('bad argument')"
+    assert describe(RuntimeError("one line\nsecond")) == "RuntimeError: one line"

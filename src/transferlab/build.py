@@ -36,7 +36,7 @@ from transferlab.config.schema import (
 )
 from transferlab.data.datamodule import TransferDataModule
 from transferlab.data.transforms import Preprocessing
-from transferlab.errors import USER_ERRORS, ConfigError
+from transferlab.errors import USER_ERRORS, ConfigError, first_line
 from transferlab.models.classifier import ImageClassifier
 from transferlab.models.distill import Teacher
 from transferlab.models.heads import pools_feature_map
@@ -221,13 +221,18 @@ def instantiate_group(group: dict[str, Any] | None) -> list[Any]:
     if not group:
         return []
     built = []
-    for node in group.values():
+    for key, node in group.items():
         if isinstance(node, dict) and "_target_" in node:
             try:
                 built.append(instantiate(node))
             except InstantiationException as error:  # our factories' refusals, e.g. callbacks.progress.mode
                 if isinstance(error.__cause__, USER_ERRORS):
                     raise error.__cause__ from None
+                if isinstance(error.__cause__, TypeError):  # an argument the class does not take: a typo
+                    raise ConfigError(
+                        f"{key} ({node['_target_']}): {first_line(error.__cause__)}; check the spelling of "
+                        f"the keys given under {key}"
+                    ) from None
                 raise
     return [obj for obj in built if obj is not None]
 

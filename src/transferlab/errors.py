@@ -50,7 +50,16 @@ ENVIRONMENT_ERRNOS = {
 
 def first_line(error: BaseException) -> str:
     """An exception's first non-empty line: what one-line messages quote of a library's error."""
-    return next((line.strip() for line in str(error).splitlines() if line.strip()), "no message")
+    return _first_line(str(error)) or "no message"
+
+
+def _first_line(message: str) -> str:
+    """The first non-empty line; with the next one when it ends in a colon (Hydra's "Error in call to
+    target 'X':" puts the reason below it)."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    if not lines:
+        return ""
+    return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
 
 
 def environment_cause(error: BaseException | None) -> OSError | None:
@@ -92,8 +101,7 @@ def describe(error: BaseException) -> str:
         message, frame = _original_message(message, worker["type"]), _last_frame(message) or frame
     if isinstance(error, USER_ERRORS):
         return f"{name}: {message}"
-    first_line = message.strip().splitlines()[0] if message.strip() else "(no message)"
-    return f"{name}: {first_line}" + (f" (raised at {frame})" if frame else "")
+    return f"{name}: {_first_line(message) or '(no message)'}" + (f" (raised at {frame})" if frame else "")
 
 
 _WORKER_ERROR = re.compile(r"Caught (?P<type>\w+) (?P<where>in DataLoader worker process \d+)\.\nOriginal ")
