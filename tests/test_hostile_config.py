@@ -106,7 +106,10 @@ NOT_FINITE = [  # every comparison with nan is false, so a range check alone let
     (["augment.mixup_alpha=nan"], r"augment.mixup_alpha=nan must be a finite number"),
     (["trainer.gradient_clip_val=nan"], r"trainer.gradient_clip_val=nan must be a finite number"),
     (["optim=sgd", "optim.momentum=2"], r"optim.momentum=2.0 must be in \[0, 1\)"),
-    (["scheduler=cosine", "scheduler.warmup_epochs=-inf"], r"scheduler.warmup_epochs=-inf must be a finite number"),
+    (
+        ["scheduler=cosine", "scheduler.warmup_epochs=-inf"],
+        r"scheduler.warmup_epochs=-inf must be a finite number",
+    ),
 ]
 
 
