@@ -212,3 +212,33 @@ def test_unlabeled_data_is_refused_by_train_and_the_method_keys_are_checked(fast
         pretrain_config(tmp_path, "simclr.temperature=0.1")
     with pytest.raises(ConfigError, match="method='byol' is not valid; choose one of: autoencoder, simclr"):
         pretrain_config(tmp_path, "method=byol")
+
+
+def test_the_wrong_checkpoint_or_run_to_continue_is_refused_before_any_file(
+    pretrained, checkpoint, tmp_path, capsys
+):
+    """pretrain ckpt_path= of a classifier or of another method; resume= of the other tool's run: one
+    line each, and the other run's directory is left as it was."""
+    best = json.loads((pretrained / "metrics.json").read_text())["best_ckpt"]
+    root = pretrained.parent / "images"
+    base = [*TINY, f"data.root={root}", "trainer.max_epochs=2"]
+    for index, (start, message) in enumerate(
+        [
+            (checkpoint, "is a classifier's checkpoint (train.py), not a pretraining one"),
+            (
+                best,
+                "is a pretraining of method=autoencoder backbone=resnet18, and this run's are method=simclr",
+            ),
+        ]
+    ):
+        run = tmp_path / str(index)
+        assert run_tool("pretrain", *base, "method=simclr", f"ckpt_path={start}", f"hydra.run.dir={run}") == 2
+        assert message in "".join(capsys.readouterr())
+    before = sorted(p.relative_to(pretrained) for p in pretrained.rglob("*"))
+    assert run_tool("train", f"resume={pretrained}", "trainer.max_epochs=3") != 0
+    printed = "".join(capsys.readouterr())
+    assert (
+        f"resume={pretrained} is a pretrain run, which train cannot continue: transferlab pretrain resume="
+        in printed
+    )
+    assert sorted(p.relative_to(pretrained) for p in pretrained.rglob("*")) == before

@@ -112,7 +112,7 @@ class RunDirGuard(HydraCallback):
             return  # processes that Lightning or srun start for DDP join the directory of rank 0
         run_dir = config.hydra.run.dir
         if config.get("resume"):
-            self._check_resume(config.resume, run_dir, list(config.hydra.overrides.task))
+            self._check_resume(config.resume, run_dir, list(config.hydra.overrides.task), config.task_name)
             self._lock(run_dir)
             return
         earlier = find_earlier_run(run_dir)
@@ -142,10 +142,10 @@ class RunDirGuard(HydraCallback):
             raise SystemExit(f"Error: {error}") from None
 
     @staticmethod
-    def _check_resume(resume: str, run_dir: str, overrides: list[str]) -> None:
+    def _check_resume(resume: str, run_dir: str, overrides: list[str], task: str) -> None:
         """`resume=<dir>` is the one case where a run starts in a directory that holds a run: its own."""
         try:
-            check_resumable(resume)
+            check_resumable(resume, task)
             check_resume_overrides(resume, overrides)
         except ConfigError as error:
             raise SystemExit(f"Error: {error}") from None

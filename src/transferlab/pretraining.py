@@ -22,6 +22,7 @@ from transferlab.build import (
     preprocessing_for,
 )
 from transferlab.callbacks import ReconstructionImages
+from transferlab.checkpoints import read_checkpoint
 from transferlab.config import parse_pretrain_config
 from transferlab.config.schema import AutoencoderConfig, PretrainConfig, SimCLRConfig
 from transferlab.data.augment import contrastive_view
@@ -61,6 +62,24 @@ def check_pretrain_inputs(config: PretrainConfig) -> None:
         )
 
 
+def check_same_pretraining(config: PretrainConfig) -> None:
+    """`ckpt_path` continues a pretraining of this method and backbone (Lightning would stop loading
+    its state with a wall of mismatched keys)."""
+    hparams = read_checkpoint(config.ckpt_path, pretraining=True).get("hyper_parameters") or {}
+    if not isinstance(hparams.get("method"), dict):
+        raise ConfigError(
+            f"ckpt_path={config.ckpt_path} is a classifier's checkpoint (train.py), not a pretraining one: "
+            "pretrain continues only its own checkpoints; start without ckpt_path"
+        )
+    saved = (hparams["method"].get("name"), (hparams.get("backbone") or {}).get("name"))
+    if saved != (config.method, config.backbone.name):
+        raise ConfigError(
+            f"ckpt_path={config.ckpt_path} is a pretraining of method={saved[0]} backbone={saved[1]}, and "
+            f"this run's are method={config.method} backbone={config.backbone.name}: choose those to "
+            "continue it, or start without ckpt_path"
+        )
+
+
 def build_pretrain_datamodule(config: PretrainConfig) -> TransferDataModule:
     """Training's data module; with method=simclr its train and val images are two random views each."""
     preprocessing = preprocessing_for(config.backbone, config.data)
@@ -77,6 +96,8 @@ def _fit(config: PretrainConfig, output_dir: Path, begin: Callable[[], None]) ->
     check_pretrain_inputs(config)
     check_multirun_processes(config.trainer, multirun=is_multirun())
     config = replace(config, ckpt_path=start_checkpoint(config.ckpt_path, output_dir))
+    if config.ckpt_path:
+        check_same_pretraining(config)
     loggers = instantiate_group(config.logger)
     callbacks = [*instantiate_group(config.callbacks), ReseedEachEpoch(config.seed)]
     if isinstance(config.method_config, AutoencoderConfig):

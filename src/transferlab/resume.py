@@ -29,8 +29,9 @@ log = logging.getLogger(__name__)
 RESUME_OVERRIDES = ("resume", "trainer.max_epochs")
 
 
-def check_resumable(run_dir: str | Path) -> Path:
-    """The run's last.ckpt; ConfigError naming what is missing otherwise."""
+def check_resumable(run_dir: str | Path, task: str) -> Path:
+    """The run's last.ckpt; ConfigError naming what is missing otherwise, or that the run is another
+    tool's (`task`: the resuming tool's task_name, train or pretrain)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ConfigError(
@@ -38,6 +39,12 @@ def check_resumable(run_dir: str | Path) -> Path:
         )
     if not (run_dir / ".hydra" / "config.yaml").is_file():
         raise ConfigError(f"resume={run_dir}: not a run directory (no .hydra/config.yaml)")
+    saved_task = OmegaConf.load(run_dir / ".hydra" / "config.yaml").get("task_name")
+    if saved_task and saved_task != task:
+        raise ConfigError(
+            f"resume={run_dir} is a {saved_task} run, which {task} cannot continue: "
+            f"transferlab {saved_task} resume={run_dir}"
+        )
     ckpt = last_checkpoint(run_dir)
     if not ckpt.is_file():
         raise ConfigError(
@@ -88,7 +95,7 @@ def resume_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     `overrides` are the ones typed on the command line: only RESUME_OVERRIDES are accepted.
     """
     run_dir = Path(cfg.resume)
-    ckpt = check_resumable(run_dir)
+    ckpt = check_resumable(run_dir, cfg.task_name)
     check_resume_overrides(run_dir, overrides)
     saved = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
     _update_moved_targets(saved)
