@@ -406,6 +406,7 @@ def test_the_summary_never_writes_over_files_of_yours(tmp_path):
     sweep = tmp_path / "sweep" / "0"
     (sweep / ".hydra").mkdir(parents=True)
     (sweep / "metrics.json").write_text('{"val/acc": 0.5, "test/acc": 0.4}')
+    (sweep.parent / "multirun.yaml").write_text("hydra: {}\n")  # a sweep's folder
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "summary.csv").write_text("my own table\n")
