@@ -105,6 +105,8 @@ NOT_FINITE = [  # every comparison with nan is false, so a range check alone let
     (["optim.weight_decay=nan"], r"optim.weight_decay=nan must be a finite number"),
     (["augment.mixup_alpha=nan"], r"augment.mixup_alpha=nan must be a finite number"),
     (["trainer.gradient_clip_val=nan"], r"trainer.gradient_clip_val=nan must be a finite number"),
+    (["optim.lr=${oc.env:TRANSFERLAB_NO_SUCH_VARIABLE}"], r"optim.lr: .*TRANSFERLAB_NO_SUCH_VARIABLE"),
+    (["data.batch_size=${no.such.key}"], r"data.batch_size: .*no.such.key"),
     (["optim=sgd", "optim.momentum=2"], r"optim.momentum=2.0 must be in \[0, 1\)"),
     (
         ["scheduler=cosine", "scheduler.warmup_epochs=-inf"],

@@ -242,3 +242,8 @@ def test_the_wrong_checkpoint_or_run_to_continue_is_refused_before_any_file(
         in printed
     )
     assert sorted(p.relative_to(pretrained) for p in pretrained.rglob("*")) == before
+
+
+def test_a_crop_scale_that_is_not_a_pair_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"simclr.crop_scale=\[0.5\] must be \[low, high\]"):
+        pretrain_config(tmp_path, "method=simclr", "simclr.crop_scale=[0.5]")

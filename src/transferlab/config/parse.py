@@ -12,11 +12,16 @@ from collections.abc import Mapping
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
+from omegaconf.errors import (
+    ConfigKeyError,
+    InterpolationResolutionError,
+    MissingMandatoryValue,
+    OmegaConfBaseException,
+)
 
 from transferlab.config import schema as s
 from transferlab.config.store import ALIASES, DISCRIMINATORS, OPTIONS, PRETRAIN_GROUPS
-from transferlab.errors import ConfigError
+from transferlab.errors import ConfigError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +136,8 @@ def _plain_config(cfg: DictConfig, throw_on_missing: bool = True) -> dict[str, A
         plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=throw_on_missing)
     except MissingMandatoryValue as err:
         raise ConfigError(f"{err.full_key} must be set, e.g. {err.full_key}=...") from None
+    except InterpolationResolutionError as err:  # ${oc.env:UNSET}, ${no.such.key}, a resolver's failure
+        raise ConfigError(f"{err.full_key}: {first_line(err)}") from None
     plain.pop("hydra", None)
     return plain
 

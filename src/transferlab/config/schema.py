@@ -931,6 +931,8 @@ class SimCLRConfig:
         check_int(self.hidden_dim, "simclr.hidden_dim", 1)
         check_int(self.projection_dim, "simclr.projection_dim", 1)
         self.crop_scale = tuple(float(v) for v in self.crop_scale)  # a list from YAML
+        if len(self.crop_scale) != 2:
+            raise ConfigError(f"simclr.crop_scale={list(self.crop_scale)} must be [low, high] in (0, 1]")
         low, high = self.crop_scale
         if not 0 < low <= high <= 1:
             raise ConfigError(f"simclr.crop_scale={list(self.crop_scale)} must be [low, high] in (0, 1]")
