@@ -189,3 +189,16 @@ def test_a_teacher_follows_a_true_precision_run(trained_run, tmp_path):
     ]
     assert run_tool("train", *overrides) == 0, (run_dir / "error.txt").read_text()[-2000:]
     assert math.isfinite(json.loads((run_dir / "metrics.json").read_text())["val/loss"])
+
+
+def test_resuming_without_its_teacher_says_to_put_it_back(tmp_path):
+    from transferlab.errors import ConfigError
+    from transferlab.resume import check_resumable
+
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text(
+        f"task_name: train\ndistill:\n  teacher: {tmp_path / 'moved.ckpt'}\n"
+    )
+    with pytest.raises(ConfigError, match=r"distill.teacher=.*moved.ckpt, which is no longer there; put that"):
+        check_resumable(run, "train")

@@ -39,11 +39,18 @@ def check_resumable(run_dir: str | Path, task: str) -> Path:
         )
     if not (run_dir / ".hydra" / "config.yaml").is_file():
         raise ConfigError(f"resume={run_dir}: not a run directory (no .hydra/config.yaml)")
-    saved_task = OmegaConf.load(run_dir / ".hydra" / "config.yaml").get("task_name")
+    saved = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    saved_task = saved.get("task_name")
     if saved_task and saved_task != task:
         raise ConfigError(
             f"resume={run_dir} is a {saved_task} run, which {task} cannot continue: "
             f"transferlab {saved_task} resume={run_dir}"
+        )
+    teacher = OmegaConf.select(saved, "distill.teacher")
+    if teacher and not Path(teacher).expanduser().is_file():  # the teacher is in no checkpoint
+        raise ConfigError(
+            f"resume={run_dir}: the run distils from distill.teacher={teacher}, which is no longer there; "
+            "put that checkpoint (or a link to it) back to continue the run"
         )
     ckpt = last_checkpoint(run_dir)
     if not ckpt.is_file():
