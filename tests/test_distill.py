@@ -200,5 +200,7 @@ def test_resuming_without_its_teacher_says_to_put_it_back(tmp_path):
     (run / ".hydra" / "config.yaml").write_text(
         f"task_name: train\ndistill:\n  teacher: {tmp_path / 'moved.ckpt'}\n"
     )
-    with pytest.raises(ConfigError, match=r"distill.teacher=.*moved.ckpt, which is no longer there; put that"):
+    with pytest.raises(
+        ConfigError, match=r"distill.teacher=.*moved.ckpt, which is no longer there; put that"
+    ):
         check_resumable(run, "train")

@@ -247,3 +247,9 @@ def test_the_wrong_checkpoint_or_run_to_continue_is_refused_before_any_file(
 def test_a_crop_scale_that_is_not_a_pair_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"simclr.crop_scale=\[0.5\] must be \[low, high\]"):
         pretrain_config(tmp_path, "method=simclr", "simclr.crop_scale=[0.5]")
+
+
+@pytest.mark.parametrize("setting", ["data.classes=[cat,dog]", "data.shots=2", "data.test_fraction=0.2"])
+def test_a_class_setting_for_unlabelled_images_is_refused(tmp_path, setting):
+    with pytest.raises(ConfigError, match=rf"{setting.split('=')[0]}=.* is not read by data=unlabeled"):
+        pretrain_config(tmp_path, setting)

@@ -615,6 +615,10 @@ class UnlabeledConfig(DataConfig):
     """Images without labels, for pretrain.py: every image under root, in any sub-folders (class folders
     are allowed and ignored)."""
 
+    UNREAD: ClassVar[dict[str, str]] = dict.fromkeys(
+        ("classes", "shots", "shots_seed", "test_fraction", "imbalance", "class_fraction", "empty_classes"),
+        "its images have no classes (every image under data.root, one unlabelled set, a val share held out)",
+    )
     name: str = "unlabeled"
     root: str | None = MISSING  # the folder of your images
     val_fraction: float = 0.05  # held out to report the pretraining loss on images it does not train on
