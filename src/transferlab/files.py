@@ -31,6 +31,9 @@ from transferlab.errors import environment_cause, first_line, resource_error
 
 ERROR_FILE = "error.txt"  # a failed run's traceback (sweep summaries list the run as failed)
 METRICS_FILE = "metrics.json"  # a finished run's metrics (sweep summaries list the run as ok)
+SWEEP_RECORD = (
+    "multirun.yaml"  # in a sweep's folder: its config (launch.LaunchChecks writes it for any sweeper)
+)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:

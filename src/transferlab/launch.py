@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from transferlab.config.parse import trainer_arg
 from transferlab.errors import ConfigError
+from transferlab.files import SWEEP_RECORD
 from transferlab.resume import check_resumable, check_resume_overrides
 from transferlab.runtime import is_rank_zero_process, is_slurm_requeue, slurm_run_name
 
@@ -323,7 +324,7 @@ class LaunchChecks(HydraCallback):
         except ConfigError as error:
             raise SystemExit(f"Error: {error}") from None
         try:  # its job directories are numbered from 0: an earlier sweep's would be written over
-            claim = claim_directory(config.hydra.sweep.dir, marker="multirun.yaml")
+            claim = claim_directory(config.hydra.sweep.dir, marker=SWEEP_RECORD)
         except ConfigError as error:
             raise SystemExit(f"Error: hydra.sweep.dir: {error}") from None
         OmegaConf.save(config, claim)  # what Hydra's basic sweeper writes there too; Optuna's does not

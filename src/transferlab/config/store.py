@@ -137,8 +137,9 @@ def tool_groups(tool: str, choices: Any) -> str:
 
 
 def register_resolvers() -> None:
-    """`${run_uid:}`, `${slurm_or:NAME}`, `${or_else:A,B}`, `${if_set:X,A,B}` (conf/hydra/default.yaml), `${scratch_dir:}` (tool.yaml);
-    `${metric_mode:METRIC}` (the default of optimized_mode)."""
+    """`${run_uid:}`, `${slurm_or:NAME}`, `${or_else:A,B}`, `${if_set:X,A,B}` (conf/hydra/default.yaml);
+    `${scratch_dir:}` (conf/hydra/tool.yaml); `${metric_mode:METRIC}` (the default of optimized_mode);
+    `${tool_groups:...}`, `${tool_summary:...}` (conf/hydra/help/groups.yaml)."""
     resolvers = {
         "run_uid": lambda: _RUN_UID,
         "scratch_dir": scratch_dir,

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from transferlab.config.schema import TrainConfig, metric_direction
-from transferlab.files import atomic_write
+from transferlab.files import SWEEP_RECORD, atomic_write
 
 METRIC_COLUMNS = ("val/acc", "val/f1", "val/loss", "test/acc", "test/f1", "test/loss")
 
@@ -136,9 +136,9 @@ def write_summary(
         )
     rows = summary_rows(jobs, metric, maximize=mode == "max")
     into_sweep = out is None or out.resolve() == sweep_dir.resolve()
-    # a sweep's folder (Hydra's multirun.yaml) takes a new summary over its old one; any other folder's
-    # summary files may be the user's own
-    out = _output_folder(out or sweep_dir, own=into_sweep and (sweep_dir / "multirun.yaml").is_file())
+    # a sweep's folder takes a new summary over its old one; any other folder's summary files may be the
+    # user's own
+    out = _output_folder(out or sweep_dir, own=into_sweep and (sweep_dir / SWEEP_RECORD).is_file())
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
     writer.writeheader()

@@ -41,15 +41,14 @@ def check(cfg: DictConfig) -> bool:
     from transferlab.config import parse_train_config
     from transferlab.data.check import check_data
     from transferlab.errors import USER_ERRORS
-    from transferlab.launch import check_jobs_run_here, check_single_run
-    from transferlab.runtime import is_multirun, quiet_loggers
+    from transferlab.launch import check_jobs_run_here, check_no_chdir
+    from transferlab.runtime import quiet_loggers
     from transferlab.training import prepare_model
 
     try:  # the checks of a training run, in its order, on the same functions: the same verdicts
         hydra = HydraConfig.get()
         check_jobs_run_here(hydra)  # check's own rule for a search or a launcher, with -m or without
-        if not is_multirun():
-            check_single_run(hydra)
+        check_no_chdir(hydra)
         config = parse_train_config(cfg)
         check_run_inputs(config)
         with quiet_loggers([LIGHTNING_INFO]):  # the devices it would use are not what check reports
